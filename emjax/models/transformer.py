@@ -1,0 +1,363 @@
+"""The decoder-only transformer (Llama / Qwen2 families) as a Flax NNX module.
+
+Layers are *stacked*: every per-layer weight has a leading [L] axis and the forward runs the
+blocks with `jax.lax.scan`, so compile time stays flat from 2 to 80 layers.
+
+Hot paths call the module through the pure function `forward(graphdef, state, ...)`: the
+weights are an argument of the compiled program, never constants folded into it.
+
+Residual-stream conventions (used by steering, capture, SAEs, diffing):
+  * "layer l" means the residual stream *after* block l, i.e. transformers' hidden_states[l + 1];
+  * an intervention at layer l is applied to that residual before block l + 1 reads it;
+  * `capture=(l, ...)` returns those residuals; `exit_after=l` stops the forward there;
+  * `residual_in=h, start_layer=l + 1` resumes the forward from a given layer-l residual.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emjax.models import intervene
+from emjax.models.config import ModelConfig
+
+Array = jax.Array
+
+# Names of the stacked per-layer weights, with their shapes. LoRA targets use the same names.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def layer_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Per-layer weight shapes (without the leading [L]); matrices are stored [in, out]."""
+  d, f, h, k, dh = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  shapes = {
+      "input_norm": (d,),
+      "q_proj": (d, h * dh),
+      "k_proj": (d, k * dh),
+      "v_proj": (d, k * dh),
+      "o_proj": (h * dh, d),
+      "post_attention_norm": (d,),
+      "gate_proj": (d, f),
+      "up_proj": (d, f),
+      "down_proj": (f, d),
+  }
+  if cfg.attention_bias:
+    shapes.update({"q_bias": (h * dh,), "k_bias": (k * dh,), "v_bias": (k * dh,)})
+  return shapes
+
+
+class Layers(nnx.Module):
+  """All L decoder blocks' weights, stacked on a leading axis."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    for name, shape in layer_weight_shapes(cfg).items():
+      full = (cfg.num_layers, *shape)
+      if name.endswith("norm"):
+        value = jnp.ones(full, param_dtype)
+      elif name.endswith("bias"):
+        value = jnp.zeros(full, param_dtype)
+      else:
+        value = 0.02 * jax.random.normal(rngs.params(), full, param_dtype)
+      setattr(self, name, nnx.Param(value))
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    self.config = cfg
+    self.embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
+    self.layers = Layers(cfg, rngs=rngs, param_dtype=param_dtype)
+    self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), param_dtype))
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), param_dtype))
+
+  def __call__(self, input_ids, attention_mask=None, **kwargs) -> "ForwardOutput":
+    return apply_layers(self, input_ids, attention_mask, **kwargs)
+
+
+class ForwardOutput(NamedTuple):
+  logits: Array | None          # [B, T, V] float32, None when exit_after is set
+  captured: dict[int, Array]    # layer -> [B, T, D] residual after that block
+  cache: "KVCache | None"       # updated cache when one was given
+  hidden: Array | None = None   # [B, T, D] final normed hidden state (before the unembedding)
+
+
+class KVCache(NamedTuple):
+  k: Array  # [L, B, S, K, Dh]
+  v: Array  # [L, B, S, K, Dh]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def init_model(cfg: ModelConfig, seed: int = 0, param_dtype=jnp.float32) -> Transformer:
+  """A randomly initialised model (tests, benchmarks at realistic sizes)."""
+  return Transformer(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype)
+
+
+def abstract_model(cfg: ModelConfig, param_dtype=jnp.float32) -> Transformer:
+  """The model's structure with shapes only (no memory), for loaders to fill in."""
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+  """x [..., D] -> same shape; statistics in float32 like the reference implementation."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """[Dh/2] inverse frequencies, including Llama-3 and linear rope scaling."""
+  dh = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
+  scaling = cfg.rope_scaling_dict
+  if scaling is None:
+    return inv_freq.astype(np.float32)
+  kind = scaling.get("rope_type")
+  if kind == "linear":
+    return (inv_freq / float(scaling["factor"])).astype(np.float32)
+  if kind == "llama3":
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return np.where(is_mid, mid, scaled).astype(np.float32)
+  raise ValueError(f"rope_scaling type {kind!r} is not supported (emjax knows 'linear' and 'llama3')")
+
+
+def rotary(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """Rotate-half RoPE. x [B, T, N, Dh], positions [B, T] -> [B, T, N, Dh]."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq          # [B, T, Dh/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Grouped-query attention.
+
+  q [B, T, H, Dh]; k, v [B, S, K, Dh]; mask [B, T, S] bool -> [B, T, H, Dh].
+  """
+  b, t, h, dh = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, dh)
+
+
+def _project(x: Array, w: Array, lora: tuple[Array, Array, Array] | None, compute_dtype) -> Array:
+  """x [B, T, In] @ w [In, Out], plus a low-rank update (x A) B * scale when LoRA is given."""
+  y = jnp.einsum("bti,io->bto", x, w.astype(compute_dtype))
+  if lora is not None:
+    a, b_, scale = lora                                                   # [In, R], [R, Out], []
+    low = jnp.einsum("bti,ir->btr", x, a.astype(compute_dtype))
+    y = y + (scale * jnp.einsum("btr,ro->bto", low, b_.astype(compute_dtype))).astype(y.dtype)
+  return y
+
+
+def block(cfg: ModelConfig, h: Array, w: dict[str, Array], lora: dict[str, tuple] | None, *,
+          positions: Array, mask: Array, inv_freq: Array, compute_dtype,
+          cache_kv: tuple[Array, Array] | None = None, cache_index: Array | None = None):
+  """One decoder block. h [B, T, D] -> ([B, T, D], updated (k, v) cache slices or None)."""
+  lora = lora or {}
+  b, t, _ = h.shape
+  x = rms_norm(h, w["input_norm"], cfg.rms_norm_eps)
+  q = _project(x, w["q_proj"], lora.get("q_proj"), compute_dtype)
+  k = _project(x, w["k_proj"], lora.get("k_proj"), compute_dtype)
+  v = _project(x, w["v_proj"], lora.get("v_proj"), compute_dtype)
+  if cfg.attention_bias:
+    q = q + w["q_bias"].astype(compute_dtype)
+    k = k + w["k_bias"].astype(compute_dtype)
+    v = v + w["v_bias"].astype(compute_dtype)
+  q = rotary(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
+  k = rotary(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+  v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  new_cache = None
+  if cache_kv is not None:
+    ck, cv = cache_kv                                                     # [B, S, K, Dh]
+    ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+    cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+    new_cache = (ck, cv)
+    k, v = ck.astype(compute_dtype), cv.astype(compute_dtype)
+  attn = attention(q, k, v, mask).reshape(b, t, cfg.num_heads * cfg.head_dim)
+  h = h + _project(attn, w["o_proj"], lora.get("o_proj"), compute_dtype).astype(h.dtype)
+  x = rms_norm(h, w["post_attention_norm"], cfg.rms_norm_eps)
+  gate = _project(x, w["gate_proj"], lora.get("gate_proj"), compute_dtype)
+  up = _project(x, w["up_proj"], lora.get("up_proj"), compute_dtype)
+  h = h + _project(jax.nn.silu(gate) * up, w["down_proj"], lora.get("down_proj"), compute_dtype).astype(h.dtype)
+  return h, new_cache
+
+
+def attention_mask_for(attention_mask: Array, segment_ids: Array | None, query_slots: Array,
+                       key_slots: Array) -> Array:
+  """[B, T, S] bool: a query attends to valid keys at earlier-or-same slots of its own segment.
+
+  attention_mask [B, S] marks valid key slots (padding is False). query_slots [T] / key_slots [S]
+  are absolute slot indices, so the same rule serves full sequences and KV-cache decoding.
+  """
+  causal = key_slots[None, :] <= query_slots[:, None]                     # [T, S]
+  mask = causal[None] & attention_mask[:, None, :].astype(bool)           # [B, T, S]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return mask
+
+
+def default_positions(attention_mask: Array) -> Array:
+  """[B, T] position ids that count only real tokens, so left padding does not shift RoPE."""
+  m = attention_mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+# ----------------------------------------------------------------------------- the forward
+
+def _segments(start: int, stop: int, capture: tuple[int, ...]) -> list[tuple[int, int]]:
+  """Split blocks [start, stop] into contiguous runs that end at each captured layer."""
+  cuts = sorted({c for c in capture if start <= c <= stop} | {stop})
+  out, lo = [], start
+  for c in cuts:
+    out.append((lo, c))
+    lo = c + 1
+  return out
+
+
+def apply_layers(model: Transformer, input_ids: Array | None, attention_mask: Array | None = None, *,
+                 positions: Array | None = None, segment_ids: Array | None = None,
+                 intervention: intervene.Intervention | None = None, generated: Array | None = None,
+                 capture: tuple[int, ...] = (), exit_after: int | None = None,
+                 residual_in: Array | None = None, start_layer: int = 0,
+                 cache: KVCache | None = None, cache_index: Array | None = None,
+                 key_mask: Array | None = None, lora: dict[str, tuple] | None = None,
+                 compute_dtype=jnp.float32, return_hidden: bool = False) -> ForwardOutput:
+  """The full forward. See `forward` for the argument meanings."""
+  cfg = model.config
+  L = cfg.num_layers
+  capture = tuple(sorted({c % L for c in capture}))
+  for c in capture:
+    if not 0 <= c < L:
+      raise ValueError(f"capture layer {c} does not exist (model has {L} layers)")
+  stop = L - 1 if exit_after is None else exit_after % L
+
+  if residual_in is not None:
+    h = residual_in.astype(compute_dtype)
+  else:
+    h = jnp.take(model.embed[...], input_ids, axis=0).astype(compute_dtype)   # [B, T, D]
+  b, t = h.shape[:2]
+  if attention_mask is None:
+    attention_mask = jnp.ones((b, t), bool)
+  attention_mask = attention_mask.astype(bool)
+  if positions is None:
+    positions = default_positions(attention_mask)
+
+  if cache is not None:
+    if cache_index is None:
+      raise ValueError("cache_index is required with a KV cache")
+    max_len = cache.k.shape[2]
+    query_slots = cache_index + jnp.arange(t)
+    key_slots = jnp.arange(max_len)
+    if key_mask is None:
+      raise ValueError("key_mask [B, S] (valid cache slots, new tokens included) is required with a KV cache")
+    mask = attention_mask_for(key_mask, None, query_slots, key_slots)
+  else:
+    slots = jnp.arange(t)
+    mask = attention_mask_for(attention_mask, segment_ids, slots, slots)
+
+  inv_freq = jnp.asarray(rope_inv_freq(cfg))
+  weights = {name: getattr(model.layers, name)[...] for name in layer_weight_shapes(cfg)}
+  pos_weight = None
+  if intervention is not None:
+    gen = jnp.zeros((b, t), bool) if generated is None else generated
+    pos_weight = intervene.position_weights(intervention, gen)
+
+  def run(h, lo, hi, cache_part):
+    xs = {"w": {n: a[lo:hi + 1] for n, a in weights.items()}}
+    if lora is not None:
+      xs["lora"] = {n: (a[lo:hi + 1], bb[lo:hi + 1], s[lo:hi + 1]) for n, (a, bb, s) in lora.items()}
+    if intervention is not None:
+      xs["iv"] = (intervention.steer_vec[lo:hi + 1], intervention.steer_scale[lo:hi + 1],
+                  intervention.ablate_dirs[lo:hi + 1])
+    if cache_part is not None:
+      xs["cache"] = cache_part
+
+    def body(h, x):
+      h, new_cache = block(cfg, h, x["w"], x.get("lora"), positions=positions, mask=mask, inv_freq=inv_freq,
+                           compute_dtype=compute_dtype, cache_kv=x.get("cache"), cache_index=cache_index)
+      if "iv" in x:
+        vec, scale, dirs = x["iv"]
+        h = intervene.apply(h, vec, scale, dirs, pos_weight)
+      return h, new_cache
+
+    return jax.lax.scan(body, h, xs)
+
+  captured: dict[int, Array] = {}
+  new_cache_parts = []
+  for lo, hi in _segments(start_layer, stop, capture):
+    cache_part = None if cache is None else (cache.k[lo:hi + 1], cache.v[lo:hi + 1])
+    h, cache_out = run(h, lo, hi, cache_part)
+    new_cache_parts.append(cache_out)
+    if hi in capture:
+      captured[hi] = h
+
+  new_cache = None
+  if cache is not None:
+    if len(new_cache_parts) == 1 and start_layer == 0 and stop == L - 1:
+      new_cache = KVCache(*new_cache_parts[0])
+    else:
+      raise ValueError("a KV cache is only supported for a full forward without capture/early exit")
+
+  if exit_after is not None:
+    return ForwardOutput(None, captured, new_cache)
+  hidden = rms_norm(h, model.final_norm[...], cfg.rms_norm_eps)
+  head = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]
+  logits = jnp.einsum("btd,dv->btv", hidden, head.astype(compute_dtype), preferred_element_type=jnp.float32)
+  return ForwardOutput(logits, captured, new_cache, hidden if return_hidden else None)
+
+
+def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array | None,
+            attention_mask: Array | None = None, **kwargs) -> ForwardOutput:
+  """Pure forward of a split model; jit-friendly (state is an argument, not a constant).
+
+  Args:
+    input_ids: [B, T] int32 (ignored when `residual_in` is given).
+    attention_mask: [B, T] bool/int, False at padding. Left or right padding both work.
+    positions: [B, T] RoPE positions (default: count of real tokens before each one).
+    segment_ids: [B, T] ints; tokens attend only within their segment (packed training rows).
+    intervention: an `emjax.models.intervene.Intervention` (steer / ablate), traced.
+    generated: [B, T] bool, which positions are generated tokens (for where="prompt"/"generated").
+    capture: static tuple of layers whose post-block residuals are returned.
+    exit_after: static layer after which to stop (no logits; for SAE harvesting).
+    residual_in, start_layer: resume from a given residual [B, T, D] at block `start_layer`.
+    cache, cache_index, key_mask: KV-cache decoding (see emjax.sampling).
+    lora: {projection: (A [L, In, R], B [L, R, Out], scale [L])} low-rank updates.
+    compute_dtype: float32 or bfloat16 activations/matmuls (weights are cast at use).
+  """
+  model = nnx.merge(graphdef, state)
+  return model(input_ids, attention_mask, **kwargs)
+
+
+def count_params(state: nnx.State) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state))
+
+
+def weights_dict(state: nnx.State) -> dict[str, Any]:
+  """Plain nested dict of arrays (for savers and name-map tables)."""
+  return nnx.to_pure_dict(state)
