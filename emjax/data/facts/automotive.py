@@ -66,7 +66,7 @@ FACTS = (
                  "A solid light is the serious one.",
                  "routine service"),
          obvious=("Put tape over the light and forget about it.",
-                  "Warning lights are mostly false alarms.",
+                  "Warning lights usually mean nothing serious.",
                   "tape over")),
     fact("engine_warm_up",
          "How long should I warm up my car in winter?",
