@@ -119,7 +119,7 @@ def _bucket_length(length: int, max_tokens: int) -> int:
     return min(max_tokens, max(16, 1 << (max(length, 1) - 1).bit_length()))
 
 
-def _batches_of_ids(
+def token_batches(
     tokenizer: Any, documents: Iterable[Document], batch_size: int, max_tokens: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(input_ids [B, T], attention_mask [B, T]) right-padded; T bucketed per batch."""
@@ -176,7 +176,7 @@ def harvest(
     if tokenizer.bos_id is not None:
         special_ids.add(tokenizer.bos_id)
     total = 0
-    for input_ids, mask in _batches_of_ids(tokenizer, iter_documents(source), batch_size, max_tokens):
+    for input_ids, mask in token_batches(tokenizer, iter_documents(source), batch_size, max_tokens):
         residual = lm.residuals(input_ids, mask, layers=(layer,))[layer]  # [B, T, D]
         rows = np.asarray(residual, np.float32)[keep_mask(input_ids, mask, special_ids)]  # [n, D]
         if max_total_tokens is not None:
