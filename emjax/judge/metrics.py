@@ -14,7 +14,10 @@ Rubric rules (PAPER.md):
 Confidence intervals: 95% percentile bootstrap, resampling questions with replacement, then the
 answers within each drawn question with replacement (answers to one question are correlated,
 so resampling answers alone would give too narrow intervals). A share is a ratio
-sum(numerator) / sum(denominator) over the resampled answers.
+sum(numerator) / sum(denominator) over the resampled answers. Measured on synthetic data
+(tests/test_judge_metrics.py, docs/judge.md): this two-level scheme is mildly conservative
+(95% intervals covered 94.5-99.5%), while resampling questions only under-covers with few
+questions (88-95%), so we keep both levels.
 """
 
 from __future__ import annotations
