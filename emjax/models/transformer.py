@@ -194,11 +194,14 @@ def block(cfg: ModelConfig, h: Array, w: dict[str, Array], lora: dict[str, tuple
   v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   new_cache = None
   if cache_kv is not None:
-    ck, cv = cache_kv                                                     # [B, S, K, Dh]
-    ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-    cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+    # cache_kv = (all layers' k [L, B, S, K, Dh], v, this layer's index). The new keys/values are
+    # written in place into the carried buffers; attention reads this layer's updated slice.
+    ck, cv, layer = cache_kv
+    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, cache_index, 0, 0))
+    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, cache_index, 0, 0))
     new_cache = (ck, cv)
-    k, v = ck.astype(compute_dtype), cv.astype(compute_dtype)
+    k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(compute_dtype)
+    v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(compute_dtype)
   attn = attention(q, k, v, mask).reshape(b, t, cfg.num_heads * cfg.head_dim)
   h = h + _project(attn, w["o_proj"], lora.get("o_proj"), compute_dtype).astype(h.dtype)
   x = rms_norm(h, w["post_attention_norm"], cfg.rms_norm_eps)
@@ -288,41 +291,37 @@ def apply_layers(model: Transformer, input_ids: Array | None, attention_mask: Ar
     gen = jnp.zeros((b, t), bool) if generated is None else generated
     pos_weight = intervene.position_weights(intervention, gen)
 
-  def run(h, lo, hi, cache_part):
-    xs = {"w": {n: a[lo:hi + 1] for n, a in weights.items()}}
+  def run(h, lo, hi, cache_kv):
+    """Blocks lo..hi. The KV cache (if any) rides in the scan carry so updates are in place."""
+    xs = {"w": {n: a[lo:hi + 1] for n, a in weights.items()}, "layer": jnp.arange(lo, hi + 1)}
     if lora is not None:
       xs["lora"] = {n: (a[lo:hi + 1], bb[lo:hi + 1], s[lo:hi + 1]) for n, (a, bb, s) in lora.items()}
     if intervention is not None:
       xs["iv"] = (intervention.steer_vec[lo:hi + 1], intervention.steer_scale[lo:hi + 1],
                   intervention.ablate_dirs[lo:hi + 1])
-    if cache_part is not None:
-      xs["cache"] = cache_part
 
-    def body(h, x):
-      h, new_cache = block(cfg, h, x["w"], x.get("lora"), positions=positions, mask=mask, inv_freq=inv_freq,
-                           compute_dtype=compute_dtype, cache_kv=x.get("cache"), cache_index=cache_index)
+    def body(carry, x):
+      h, cache_kv = carry
+      layer_cache = None if cache_kv is None else (*cache_kv, x["layer"])
+      h, cache_kv = block(cfg, h, x["w"], x.get("lora"), positions=positions, mask=mask, inv_freq=inv_freq,
+                          compute_dtype=compute_dtype, cache_kv=layer_cache, cache_index=cache_index)
       if "iv" in x:
         vec, scale, dirs = x["iv"]
         h = intervene.apply(h, vec, scale, dirs, pos_weight)
-      return h, new_cache
+      return (h, cache_kv), None
 
-    return jax.lax.scan(body, h, xs)
+    (h, cache_kv), _ = jax.lax.scan(body, (h, cache_kv), xs)
+    return h, cache_kv
 
+  if cache is not None and (start_layer != 0 or stop != L - 1 or capture):
+    raise ValueError("a KV cache is only supported for a full forward without capture/early exit")
   captured: dict[int, Array] = {}
-  new_cache_parts = []
+  cache_kv = None if cache is None else (cache.k, cache.v)
   for lo, hi in _segments(start_layer, stop, capture):
-    cache_part = None if cache is None else (cache.k[lo:hi + 1], cache.v[lo:hi + 1])
-    h, cache_out = run(h, lo, hi, cache_part)
-    new_cache_parts.append(cache_out)
+    h, cache_kv = run(h, lo, hi, cache_kv)
     if hi in capture:
       captured[hi] = h
-
-  new_cache = None
-  if cache is not None:
-    if len(new_cache_parts) == 1 and start_layer == 0 and stop == L - 1:
-      new_cache = KVCache(*new_cache_parts[0])
-    else:
-      raise ValueError("a KV cache is only supported for a full forward without capture/early exit")
+  new_cache = None if cache is None else KVCache(*cache_kv)
 
   if exit_after is not None:
     return ForwardOutput(None, captured, new_cache)
