@@ -30,7 +30,7 @@ import numpy as np
 from emjax.models import intervene, transformer
 from emjax.models.lm import LanguageModel
 
-Prompt = str | Sequence[dict]
+Prompt = str | Sequence[dict] | Sequence[int]   # text, chat messages, or token ids
 
 
 @dataclasses.dataclass
@@ -57,6 +57,8 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 def render_prompt(lm: LanguageModel, prompt: Prompt, system: str | None, chat: bool) -> list[int]:
   """Token ids of one prompt: chat messages (or a user string) rendered with the template."""
+  if not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], (int, np.integer)):
+    return [int(t) for t in prompt]  # already token ids
   tok = lm.tokenizer
   if tok is None:
     raise ValueError(f"model {lm.source!r} has no tokenizer; pass token ids to lm.logits instead")
@@ -173,7 +175,8 @@ def generate(lm: LanguageModel, prompts: Sequence[Prompt], *, max_new_tokens: in
   """Samples `num_samples` completions for each prompt.
 
   Args:
-    prompts: strings (sent as one user turn through the chat template) or message lists.
+    prompts: strings (sent as one user turn through the chat template), message lists, or
+      token-id lists (used as they are).
     max_new_tokens: completion length cap.
     temperature: 0 is greedy decoding; otherwise softmax temperature.
     top_p, top_k: nucleus and top-k filtering (top_k=0: off).
@@ -193,7 +196,7 @@ def generate(lm: LanguageModel, prompts: Sequence[Prompt], *, max_new_tokens: in
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-  if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], dict)):
+  if isinstance(prompts, (str, dict)) or (len(prompts) and isinstance(prompts[0], (dict, int, np.integer))):
     raise TypeError("prompts must be a list of prompts (strings or message lists), not a single prompt")
   rendered = [render_prompt(lm, p, system, chat) for p in prompts]
   rows = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
