@@ -226,8 +226,9 @@ def default_minilm_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-# Padded lengths we compile for: one program per (batch, bucket) pair.
-LENGTH_BUCKETS = (16, 32, 64, 128, 256)
+# Padded lengths we compile for: one program per (batch, bucket) pair. Steps of ~1.5x keep
+# padding waste under a third while compiling at most 8 programs.
+LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256)
 
 
 def bucket_length(num_tokens: int, buckets: Sequence[int] = LENGTH_BUCKETS) -> int:
