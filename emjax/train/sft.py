@@ -90,7 +90,7 @@ def make_step_fn(graphdef, optimizer: optax.GradientTransformation, *, mode: str
     accum = batch["inputs"].shape[0]
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), (batch, jnp.arange(accum)))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, {"loss": loss, "grad_norm": grad_norm, "loss_tokens": jnp.sum(batch["weights"])}
@@ -144,9 +144,9 @@ def lora_spec_from_config(cfg) -> lora_lib.LoraSpec:
 def build_mesh(cfg):
   shape = dict(cfg.get("mesh", {}) or {})
   shape = {k: int(v) for k, v in shape.items() if int(v) != 1}
-  if not shape and jax.device_count() == 1:
+  if not shape:  # every axis 1: plain single-device jit, no mesh
     return None
-  return parallel.make_mesh(shape or {"data": -1})
+  return parallel.make_mesh(shape)
 
 
 def load_examples(cfg, tokenizer) -> tuple[list[batching.Example], batching.TokenizeReport]:
