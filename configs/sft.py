@@ -68,7 +68,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # ---- parallelism, checkpoints, monitoring
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1})  # e.g. {"data": 2, "fsdp": 4}; -1 fills
-  c.checkpoint = ml_collections.ConfigDict({"every": 5, "keep": 0, "async": False})  # keep 0 = all
+  c.checkpoint = ml_collections.ConfigDict({"every": 5, "keep": 0, "async_save": False})  # keep 0 = all
   c.eval_every = 0                   # in-loop hooks every N steps (0 = never)
   c.tensorboard = True
   c.export_hf = False                # LoRA: also write the merged model as a HF dir (workdir/merged_hf)

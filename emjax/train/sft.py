@@ -235,8 +235,11 @@ def train(cfg, *, lm=None, hooks: Sequence[hooks_lib.Hook] = (), progress: bool 
     trainable = jax.jit(lambda state: jax.tree.map(lambda x: x.astype(jnp.float32) + 0, state))(lm.state)
     frozen = None
   opt_state = jax.jit(optimizer.init)(trainable)
+  if mesh is not None:  # scalars (Adam's step count) come back on one device: replicate them on the mesh
+    opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
+                             else jax.device_put(x, parallel.replicated(mesh)), opt_state)
 
-  mngr = checkpoint.manager(workdir, keep=int(cfg.checkpoint.keep), async_save=bool(cfg.checkpoint.get("async", False)))
+  mngr = checkpoint.manager(workdir, keep=int(cfg.checkpoint.keep), async_save=bool(cfg.checkpoint.get("async_save", False)))
   start_step = 0
   restored = checkpoint.restore_latest(mngr, {"params": trainable, "opt_state": opt_state})
   if restored is not None:
