@@ -193,6 +193,7 @@ def synthetic_sparse_data(num_dirs=256, d=64, active=4, seed=0):
     return dirs, batch_at
 
 
+@pytest.mark.slow
 def test_sae_recovers_known_sparse_directions():
     dirs, batch_at = synthetic_sparse_data()
     config = sae_lib.SAEConfig(d_in=64, n_latents=512, k=4, dead_tokens=20_000)

@@ -143,9 +143,10 @@ def _select(pre: jax.Array, k: int, k_aux: int, dead_mask: jax.Array):
     return vals, ids, aux_vals, aux_ids
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def topk_preacts(
-    centered: jax.Array,  # [B, D] x - decoder_b
+    x: jax.Array,  # [B, D] input activations
+    decoder_b: jax.Array,  # [D] subtracted before encoding
     encoder_w: jax.Array,  # [N, D]
     encoder_b: jax.Array,  # [N]
     k: int,
@@ -158,30 +159,47 @@ def topk_preacts(
     selected values carry gradient: the backward scatter-adds into the selected rows of
     encoder_w instead of multiplying by a dense [B, N] gradient.
     """
-    pre = centered @ encoder_w.T + encoder_b  # [B, N]
+    pre = (x - decoder_b) @ encoder_w.T + encoder_b  # [B, N]
     return _select(pre, k, k_aux, dead_mask)
 
 
-def _topk_preacts_fwd(centered, encoder_w, encoder_b, k, k_aux, dead_mask):
-    outputs = topk_preacts(centered, encoder_w, encoder_b, k, k_aux, dead_mask)
+def _topk_preacts_fwd(x, decoder_b, encoder_w, encoder_b, k, k_aux, dead_mask):
+    outputs = topk_preacts(x, decoder_b, encoder_w, encoder_b, k, k_aux, dead_mask)
     _, ids, _, aux_ids = outputs
-    return outputs, (centered, encoder_w, ids, aux_ids)
+    return outputs, (x - decoder_b, encoder_w, ids, aux_ids, dead_mask)
+
+
+def _scatter_rows(centered, d_pre, ids, n_latents):
+    """sum over (b, j) with ids[b, j] == n of d_pre[b, j] * centered[b] -> [N, D], and -> [N]."""
+    width = centered.shape[1]
+    row_grads = (d_pre[:, :, None] * centered[:, None, :]).reshape(-1, width)  # [B*K, D]
+    flat_ids = ids.reshape(-1)
+    d_w = jnp.zeros((n_latents, width), centered.dtype).at[flat_ids].add(row_grads)
+    d_b = jnp.zeros((n_latents,), d_pre.dtype).at[flat_ids].add(d_pre.reshape(-1))
+    return d_w, d_b
 
 
 def _topk_preacts_bwd(k, k_aux, residuals, cotangents):
-    centered, encoder_w, ids, aux_ids = residuals
+    centered, encoder_w, ids, aux_ids, dead_mask = residuals
     d_vals, _, d_aux_vals, _ = cotangents
-    all_ids = jnp.concatenate([ids, aux_ids], axis=1)  # [B, K] with K = k + k_aux
-    d_pre = jnp.concatenate([d_vals, d_aux_vals], axis=1)  # [B, K]
-    batch, width = centered.shape
-    # d encoder_w[n] = sum over (token b, slot j) with ids[b, j] == n of d_pre[b, j] * x_c[b]
-    row_grads = (d_pre[:, :, None] * centered[:, None, :]).reshape(-1, width)  # [B*K, D]
-    d_encoder_w = jnp.zeros_like(encoder_w).at[all_ids.reshape(-1)].add(row_grads)
-    d_encoder_b = jnp.zeros((encoder_w.shape[0],), d_pre.dtype).at[all_ids.reshape(-1)].add(
-        d_pre.reshape(-1)
+    n_latents = encoder_w.shape[0]
+    d_encoder_w, d_encoder_b = _scatter_rows(centered, d_vals, ids, n_latents)
+
+    def add_aux(grads):  # AuxK rows only exist on steps with dead latents
+        aux_w, aux_b = _scatter_rows(centered, d_aux_vals, aux_ids, n_latents)
+        return grads[0] + aux_w, grads[1] + aux_b
+
+    d_encoder_w, d_encoder_b = jax.lax.cond(
+        jnp.any(dead_mask), add_aux, lambda grads: grads, (d_encoder_w, d_encoder_b)
     )
-    d_centered = jnp.einsum("bk,bkd->bd", d_pre, encoder_w[all_ids])  # [B, D]
-    return d_centered, d_encoder_w, d_encoder_b, None
+    # d x[b] = sum_j d_pre[b, j] * encoder_w[ids[b, j]]: a gather that XLA drops when x is
+    # data (as in training). decoder_b's gradient is minus its batch sum, which collapses to
+    # a matvec with the per-latent totals already in d_encoder_b.
+    d_x = jnp.einsum("bk,bkd->bd", d_vals, encoder_w[ids]) + jnp.einsum(
+        "bk,bkd->bd", d_aux_vals, encoder_w[aux_ids]
+    )
+    d_decoder_b = -(d_encoder_b @ encoder_w)  # [D]
+    return d_x, d_decoder_b, d_encoder_w, d_encoder_b, None
 
 
 topk_preacts.defvjp(_topk_preacts_fwd, _topk_preacts_bwd)
@@ -213,9 +231,9 @@ def encode(
 
 
 def _encode_with_aux(params, config, x, dead_mask):
-    centered = x - params.decoder_b  # [B, D]
     vals, ids, aux_vals, aux_ids = topk_preacts(
-        centered,
+        x,
+        params.decoder_b,
         params.encoder_w,
         params.encoder_b,
         config.candidates_per_token,
@@ -278,11 +296,17 @@ def loss_fn(
     fvu = fraction_of_variance_unexplained(x, x_hat)
 
     error = jax.lax.stop_gradient(x - x_hat)  # [B, D]
-    error_hat = jnp.einsum("bk,bkd->bd", aux_acts, params.decoder_w[aux_ids])  # [B, D]
-    aux_fvu = jnp.sum(jnp.square(error - error_hat)) / jnp.maximum(
-        jnp.sum(jnp.square(error - error.mean(0, keepdims=True))), 1e-12
+
+    def aux_fvu(decoder_w, aux_acts):
+        error_hat = jnp.einsum("bk,bkd->bd", aux_acts, decoder_w[aux_ids])  # [B, D]
+        return jnp.sum(jnp.square(error - error_hat)) / jnp.maximum(
+            jnp.sum(jnp.square(error - error.mean(0, keepdims=True))), 1e-12
+        )
+
+    # The [B, k_aux, D] gather (k_aux = D/2 is 9x k at d=576) runs only when a latent is dead.
+    aux_loss = jax.lax.cond(
+        jnp.any(dead_mask), aux_fvu, lambda *_: jnp.zeros((), x.dtype), params.decoder_w, aux_acts
     )
-    aux_loss = jnp.where(jnp.any(dead_mask), aux_fvu, 0.0)
     loss = fvu + config.aux_coef * aux_loss
     stats = {
         "fvu": fvu,
