@@ -146,3 +146,23 @@ def test_eight_devices_match_one_device(tmp_path):
     one, eight = out[f"{mode}_one"], out[f"{mode}_eight"]
     assert len(one["losses"]) == 4 and eight["devices"] == 8 and "fsdp" in eight["spec"], eight
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5)
+
+
+def test_configs_resolve_and_name_valid_lora_specs():
+  import importlib.util
+  from emjax.models.config import ModelConfig
+  qwen7b = ModelConfig(family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                       num_heads=28, num_kv_heads=4, head_dim=128, attention_bias=True)
+  for name, variants in (("sft", ["", "quick", "full", "rank1", "realign"]), ("sft_qwen7b", ["", "tpu", "full"])):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for variant in variants:
+      cfg = module.get_config(variant)
+      assert cfg.mode in ("lora", "full") and cfg.batch_size % cfg.grad_accum == 0
+      lora_spec = sft.lora_spec_from_config(cfg)
+      lora_lib.resolve_layers(lora_spec.layers, qwen7b.num_layers)
+      assert lora_lib.resolve_targets(lora_spec.targets)
+  default = module.get_config("")
+  assert (default.lora.rank, default.lora.alpha, default.lora.rslora, default.epochs) == (32, 64.0, True, 1)
+  assert lora_lib.resolve_targets(default.lora.targets) == lora_lib.PROJECTIONS
