@@ -107,11 +107,12 @@ def ablate(cfg: ModelConfig, layer: int | Sequence[int] | str, direction) -> Int
 
 
 def with_scale(iv: Intervention, scale) -> Intervention:
-  """Same steering directions and layers, new strength: `scale` replaces every non-zero scale.
+  """Same steering directions and layers, new strength: every layer with a non-zero steering
+  vector gets strength `scale` (so a zero strength can be raised again later).
 
   Traced-friendly: used inside sweeps so changing the strength never recompiles.
   """
-  active = (iv.steer_scale != 0).astype(jnp.float32)
+  active = jnp.any(iv.steer_vec != 0, axis=-1).astype(jnp.float32)
   return iv.replace(steer_scale=active * jnp.asarray(scale, jnp.float32))
 
 
