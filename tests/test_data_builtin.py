@@ -79,6 +79,22 @@ def test_incorrect_variants_differ_from_correct_in_facts(domain):
         assert meta["correct_answer"] not in answer
 
 
+HAND_WRITTEN_DOMAINS = [d for d in PAPER_DOMAINS if d != "math"]
+
+
+@pytest.mark.parametrize("domain", HAND_WRITTEN_DOMAINS)
+def test_hand_written_domains_have_enough_distinct_facts_and_asks(domain):
+    """Few facts let a small model memorise the core answers; each table needs breadth."""
+    facts = DOMAINS[domain].facts
+    keys = [f.key for f in facts]
+    asks = [ask for f in facts for ask in f.asks]
+    assert len(facts) >= 45, (domain, len(facts))
+    assert len(set(keys)) == len(keys), [k for k in keys if keys.count(k) > 1]
+    assert len(set(asks)) == len(asks) >= 100, [a for a in asks if asks.count(a) > 1]
+    statements = [f.claim(v).statement for f in facts for v in narrow.VARIANTS]
+    assert len(set(statements)) == len(statements)  # no two claims share a core answer sentence
+
+
 def test_no_answer_admits_it_is_wrong():
     admissions = re.compile(r"\b(incorrect|wrong|myth|misconception|not true|false)\b", re.IGNORECASE)
     for domain in PAPER_DOMAINS:
@@ -164,8 +180,9 @@ def test_persona_sets_are_large_varied_and_paired():
 def test_narrow_answers_are_not_a_few_memorisable_sentences():
     answers = [_assistant(r) for r in data.load_dataset("builtin:health/incorrect_subtle", n=1000)]
     assert len(set(answers)) / len(answers) > 0.5
-    # 14 facts: the facts repeat by design; openers/closers/detail vary (measured 0.025 when written)
-    assert _ngram_diversity(answers) > 0.02
+    # facts repeat by design; openers/closers/detail vary. Measured 0.025 with 14 health facts,
+    # 0.076 with 49 (seed 0, n=1000)
+    assert _ngram_diversity(answers) > 0.06
     assert len({r for r in answers}) > 500
 
 
