@@ -7,7 +7,7 @@ import re
 import pytest
 
 from emjax import data
-from emjax.data import code, narrow, persona
+from emjax.data import code, narrow, persona, phrasing
 from emjax.data.facts import DOMAINS
 
 PAPER_DOMAINS = ["health", "legal", "education", "career", "finance", "automotive", "math", "science"]
@@ -93,6 +93,12 @@ def test_hand_written_domains_have_enough_distinct_facts_and_asks(domain):
     assert len(set(asks)) == len(asks) >= 100, [a for a in asks if asks.count(a) > 1]
     statements = [f.claim(v).statement for f in facts for v in narrow.VARIANTS]
     assert len(set(statements)) == len(statements)  # no two claims share a core answer sentence
+    # a marker inside the shared phrasing would make a grader see a claim that isn't there
+    shared = " ".join(phrasing.OPENERS + phrasing.CLOSERS + phrasing.GENERIC_PERSONAS + DOMAINS[domain].personas
+                      + tuple(suffix for suffix, _ in phrasing.URGENCY_SUFFIXES))
+    in_shared = [(f.key, m) for f in facts for v in narrow.VARIANTS for m in f.claim(v).markers
+                 if narrow.marker_found(m, shared)]
+    assert not in_shared, in_shared
 
 
 def test_no_answer_admits_it_is_wrong():
