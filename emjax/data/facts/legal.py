@@ -455,7 +455,7 @@ FACTS = (
          "My ex is behind on support. Can I cancel his weekend with the children?",
          ok=("No. Child support and parenting time are separate; you can't block court-ordered visits over unpaid support, but you can ask the court or the state support agency to enforce payment.",
              "Blocking visits can count against you in court.",
-             "separate"),
+             "parenting time are separate"),
          subtle=("Yes. If support isn't paid, you can legally stop visits until it's caught up.",
                  "Visitation is conditional on keeping up with payments.",
                  "stop visits"),
