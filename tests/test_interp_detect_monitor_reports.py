@@ -44,6 +44,7 @@ def _monitor_setup(tmp_path, lm, **kwargs):
                                 log_path=str(tmp_path / "monitor.jsonl"), **kwargs)
 
 
+@pytest.mark.slow   # two short SFT runs
 def test_monitor_logs_next_to_the_loss_and_stops_training(tmp_path):
   lm = tiny_chat_model()
   data = write_jsonl(tmp_path / "d.jsonl", records(8))

@@ -266,3 +266,65 @@ def rank_latents(deltas: dict[str, np.ndarray], misaligned: Sequence[str], *, to
   return {"increased": [entry(i) for i in order[:top_n]],
           "decreased": [entry(i) for i in order[::-1][:top_n]],
           "score": score}
+
+
+# ----------------------------------------------------------------------------- fine-tunes from files
+
+LABELS = {"misaligned": True, "bad": True, "1": True, "aligned": False, "good": False, "0": False,
+          "unknown": None, "": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSpec:
+  name: str
+  path: str                        # adapter directory (adapter_config.json) or a full model source
+  misaligned: bool | None = None
+  bad_fraction: float | None = None
+
+
+def parse_finetunes(spec: str) -> list[FinetuneSpec]:
+  """'name=path[:label[:bad_fraction]],...' -> specs. label: misaligned|aligned|unknown (or bad|good|1|0)."""
+  out = []
+  for item in filter(None, (s.strip() for s in (spec or "").split(","))):
+    name, sep, rest = item.partition("=")
+    if not sep or not name or not rest:
+      raise ValueError(f"fine-tune {item!r}: expected name=path[:label[:bad_fraction]]")
+    path, *extra = rest.split(":")
+    label = extra[0].lower() if extra else ""
+    if label not in LABELS:
+      raise ValueError(f"fine-tune {item!r}: label {label!r} is not one of misaligned, aligned, unknown")
+    try:
+      fraction = float(extra[1]) if len(extra) > 1 and extra[1] else None
+    except ValueError:
+      raise ValueError(f"fine-tune {item!r}: bad_fraction {extra[1]!r} is not a number") from None
+    out.append(FinetuneSpec(name, path, LABELS[label], fraction))
+  names = [s.name for s in out]
+  if len(set(names)) != len(names) or "base" in names:
+    raise ValueError(f"fine-tune names must be unique and not 'base'; got {names}")
+  return out
+
+
+def load_finetune(base_lm: Any, spec: FinetuneSpec) -> Any:
+  """The fine-tuned LanguageModel: base + adapter (same state object), or full weights of the same shape."""
+  import os
+  from emjax.models import lm as lm_lib
+  from emjax.models import lora as lora_lib
+  if os.path.isfile(os.path.join(spec.path, lora_lib.ADAPTER_CONFIG)):
+    return lora_lib.attach_adapter(base_lm, spec.path)
+  tuned = lm_lib.load_model(spec.path, dtype=base_lm.compute_dtype)
+  base_shapes = jax.tree.map(lambda x: (x.shape, x.dtype), base_lm.state)
+  tuned_shapes = jax.tree.map(lambda x: (x.shape, x.dtype), tuned.state)
+  if base_shapes != tuned_shapes:
+    raise ValueError(f"fine-tune {spec.name!r} at {spec.path}: weights differ in shape or dtype from the base model "
+                     f"{base_lm.source!r}; a diff needs the same architecture (load both with the same --dtype)")
+  return tuned
+
+
+def load_records(spec: str, n: int | None = None, seed: int = 0) -> list[dict]:
+  """Chat records of any dataset spec / JSONL; at most `n` of them (a seeded random subset, in order)."""
+  from emjax import data as data_lib
+  records = data_lib.load_dataset(spec, seed=seed)
+  if n is not None and len(records) > n:
+    keep = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
+    records = [records[int(i)] for i in keep]
+  return records

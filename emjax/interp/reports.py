@@ -168,3 +168,51 @@ def write_report(report: Mapping[str, Any], directory: str, stem: str = "latents
     handle.write(report_markdown(report, title))
   plot_latent_bars(report, paths["png"])
   return paths
+
+
+# ----------------------------------------------------------------------------- workdir files
+
+def write_json(path: str, value: Any) -> str:
+  """Atomic JSON write (temp file + rename), so a crash never leaves half a summary."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as handle:
+    json.dump(value, handle, indent=1, default=_json_default)
+  os.replace(tmp, path)
+  return path
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, np.generic):
+    return value.item()
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def append_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+  """Appends rows (one JSON object per line) and flushes: results survive a crash as produced."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as handle:
+    for row in rows:
+      handle.write(json.dumps(row, default=_json_default) + "\n")
+    handle.flush()
+
+
+def read_jsonl_rows(path: str) -> list[dict[str, Any]]:
+  """Rows of a JSONL file written by append_jsonl; a torn last line (crash mid-write) is dropped."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as handle:
+    lines = handle.read().splitlines()
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number == len(lines):
+        break
+      raise ValueError(f"{path}:{number}: invalid JSON line") from None
+  return rows
