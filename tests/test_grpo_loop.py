@@ -61,6 +61,7 @@ def _strip_times(rows):
   return [{k: v for k, v in row.items() if not k.endswith("_s") and k != "tokens_per_s"} for row in rows]
 
 
+@pytest.mark.slow  # three short runs, each compiling its step
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
   base = dict(steps=4, **{"checkpoint.every": 2, "optim.lr": 1e-2})
   straight, _ = run(toy_config(tmp_path / "a", **base), graders.token_fraction_grader(TARGET))
