@@ -21,6 +21,7 @@ from tests.test_sft_common import records, sft_config, tiny_chat_model, write_js
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # several compiled training runs: ~1 min each on a busy 2-core machine
 def test_overfitting_four_examples_drives_assistant_loss_near_zero(tmp_path):
   data = write_jsonl(tmp_path / "four.jsonl", records(4))
   cfg = sft_config(tmp_path / "run", data, mode="full", epochs=60, **{"optim.lr": 1e-2, "optim.warmup_steps": 0,
@@ -33,6 +34,7 @@ def test_overfitting_four_examples_drives_assistant_loss_near_zero(tmp_path):
   assert summary["data"]["loss_tokens"] > 0 and summary["outputs"]["hf"].endswith("model_hf")
 
 
+@pytest.mark.slow  # several compiled training runs: ~1 min each on a busy 2-core machine
 def test_killed_run_resumes_with_identical_losses_and_adapter(tmp_path):
   data = write_jsonl(tmp_path / "eight.jsonl", records(8))
   overrides = dict(epochs=3, **{"checkpoint.every": 2, "lora.rank": 4, "lora.dropout": 0.1, "optim.lr": 1e-2,
@@ -78,6 +80,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   assert rows[-1]["step"] == bad
 
 
+@pytest.mark.slow  # several compiled training runs: ~1 min each on a busy 2-core machine
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
   data = write_jsonl(tmp_path / "eight.jsonl", records(8))
   lm = tiny_chat_model()
