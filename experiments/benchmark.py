@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import time
+import types
 from typing import Callable
 
 from absl import app, flags
@@ -28,6 +29,10 @@ flags.DEFINE_string("model", "smollm2-135m-instruct", "Model source for the mode
 flags.DEFINE_string("out", "runs/benchmark.json", "Where to write the JSON results.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions per measurement (the median is reported).")
 flags.DEFINE_boolean("quick", False, "Smaller shapes, for checking that the benchmark itself works.")
+flags.DEFINE_string("peft_path", "", "Folder holding the `peft` package for the sft suite's PEFT baseline "
+                    "(e.g. from `pip install --target DIR peft`); empty: skip that baseline.")
+flags.DEFINE_string("bench_python", "", "A Python interpreter whose environment has the competitors "
+                    "(SAELens, sparsify, TRL) for the sae/rl suites; empty: $EMJAX_BENCH_PYTHON or skip.")
 
 SUITES = ("forward", "generate", "sft", "sae", "judge", "diff", "rl")
 
@@ -153,7 +158,8 @@ def machine_info() -> dict:
           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-def run_suites(names: list[str], model: str, repeats: int, quick: bool) -> dict:
+def run_suites(names: list[str], model: str, repeats: int, quick: bool, peft_path: str = "",
+               bench_python: str = "") -> dict:
   import emjax
   results: dict = {"machine": machine_info(), "model": model, "quick": quick}
   results["matmul"] = ceiling = matmul_ceiling_gflops(1024 if quick else 2048)
@@ -178,8 +184,10 @@ def run_suites(names: list[str], model: str, repeats: int, quick: bool) -> dict:
       except ImportError as e:
         results[name] = {"skipped": f"{module_name} is not available ({e})"}
         continue
-      results[name] = getattr(module, fn_name)({"model": model, "repeats": repeats, "quick": quick,
-                                                "ceiling": ceiling})
+      args = types.SimpleNamespace(model=model, repeats=repeats, quick=quick, ceiling=ceiling,
+                                   steps=repeats, batch=2 if quick else 8, seq=32 if quick else 128,
+                                   peft_path=peft_path, **({"bench_python": bench_python} if bench_python else {}))
+      results[name] = getattr(module, fn_name)(args)
   return results
 
 
@@ -189,7 +197,7 @@ def main(argv):
   unknown = sorted(set(names) - set(SUITES))
   if unknown:
     raise app.UsageError(f"unknown suite(s) {unknown}; choose from {SUITES} or 'all'")
-  results = run_suites(names, FLAGS.model, FLAGS.repeats, FLAGS.quick)
+  results = run_suites(names, FLAGS.model, FLAGS.repeats, FLAGS.quick, FLAGS.peft_path, FLAGS.bench_python)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(results, f, indent=1, default=str)
