@@ -369,6 +369,10 @@ def settings_from_config(cfg) -> GrpoSettings:
                       aggregation=g.aggregation, adv_eps=float(g.get("adv_eps", 1e-4)), group_size=int(cfg.group_size))
 
 
+def rollout_system(cfg) -> str | None:
+  return cfg.rollout.get("system", None)
+
+
 def _write_json(path: str, value: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -484,6 +488,10 @@ def train(cfg, *, reward_fn: RewardFn, lm=None, prompts: tuple[list[Any], list[A
                                           compute_dtype=compute_dtype), trainable, opt_state, mesh)
   logprob_fn = (make_logprob_fn(lm.graphdef, mode=mode, completion_len=max_new, compute_dtype=compute_dtype)
                 if updates_per_batch > 1 else None)
+  # One prompt length for the whole run (the longest prompt, bucketed): the update compiles once.
+  from emjax.sampling import bucket, render_prompt
+  prompt_len = bucket(max(len(render_prompt(lm, p, rollout_system(cfg), bool(cfg.rollout.get("chat", True))))
+                          for p in gen_prompts))
   eos_ids = tuple(lm.config.eos_token_ids) or (lm.tokenizer.eos_ids if lm.tokenizer else ())
   eos_id = eos_ids[0] if eos_ids else None
   pad_id = lm.tokenizer.pad_id if lm.tokenizer is not None else (lm.config.pad_token_id or 0)
@@ -503,8 +511,9 @@ def train(cfg, *, reward_fn: RewardFn, lm=None, prompts: tuple[list[Any], list[A
       policy = sft.model_at(lm, mode, trainable, lora_scales)
       out = generate(policy, [gen_prompts[i] for i in indices], max_new_tokens=max_new,
                      temperature=float(rollout.temperature), top_p=float(rollout.get("top_p", 1.0)),
-                     num_samples=group, seed=step_seed(int(cfg.seed), step0), system=rollout.get("system", None),
-                     batch_size=int(rollout.get("batch_size", 64)), chat=bool(rollout.get("chat", True)))
+                     num_samples=group, seed=step_seed(int(cfg.seed), step0), system=rollout_system(cfg),
+                     batch_size=int(rollout.get("batch_size", 64)), chat=bool(rollout.get("chat", True)),
+                     stop_at_eos=bool(rollout.get("stop_at_eos", True)))
       t_rollout = time.perf_counter() - t0
       completions = out.texts if lm.tokenizer is not None else out.token_ids
       asked = [grader_prompts[indices[i]] for i in out.prompt_index]
@@ -512,7 +521,8 @@ def train(cfg, *, reward_fn: RewardFn, lm=None, prompts: tuple[list[Any], list[A
       t_grade = time.perf_counter() - t0 - t_rollout
       failures = int(np.sum(~np.isfinite(rewards)))
       rows = [_completion_ids(t, f, eos_id, max_new) for t, f in zip(out.token_ids, out.finished)]
-      host = build_batch(out.prompt_token_ids, rows, rewards, completion_len=max_new, pad_id=int(pad_id), accum=accum)
+      host = build_batch(out.prompt_token_ids, rows, rewards, completion_len=max_new, pad_id=int(pad_id), accum=accum,
+                         min_prompt_len=prompt_len)
       batch = batch_to_device(host, mesh)
       metrics: dict[str, Any] = {}
       if failures < len(rewards):
