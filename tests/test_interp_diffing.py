@@ -46,6 +46,24 @@ def test_diff_of_a_model_against_itself_is_exactly_zero(lm, batches):
   assert np.array_equal(stats.fire_count[0], stats.fire_count[1])
 
 
+def test_fresh_adapter_diffs_to_exactly_zero_inside_the_shared_base_batch(lm, batches):
+  # A freshly initialised LoRA has B = 0: base + adapter is the base model. Both run in one vmapped
+  # forward over the shared weights, next to a real adapter, and must still agree bit for bit.
+  from emjax.models import lora as lora_lib
+  config, params = synthetic_sae(lm.config.hidden_size, seed=1)
+  spec = lora_lib.LoraSpec(rank=4, alpha=8.0, targets="all")
+  fresh = lora_lib.init_adapter(spec, lm.config, jax.random.key(0))
+  trained = jax.tree.map(lambda x: x + 0.05, fresh)
+  scales = lora_lib.layer_scales(spec, lm.config)
+  variants = [diffing.variant("base", lm),
+              diffing.variant("fresh", dataclasses.replace(lm, lora=lora_lib.forward_lora(fresh, scales))),
+              diffing.variant("trained", dataclasses.replace(lm, lora=lora_lib.forward_lora(trained, scales)))]
+  stats = diffing.latent_stats(lm, variants, config, params, LAYER, batches)
+  deltas = diffing.deltas_vs_base(stats)
+  assert np.array_equal(deltas["fresh"], np.zeros_like(deltas["fresh"]))
+  assert np.abs(deltas["trained"]).max() > 1e-3
+
+
 def test_planted_direction_makes_its_latent_top_ranked(lm, batches):
   rng = np.random.default_rng(3)
   direction = rng.normal(size=lm.config.hidden_size).astype(np.float32)

@@ -171,37 +171,103 @@ def latent_sums(sae_config: sae_lib.SAEConfig, sae_params: sae_lib.SAEParams, re
   return act_sum, fire_sum
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sae_config", "layer", "state_index", "compute_dtype"))
-def _diff_program(graphdef, states, loras, interventions, sae_params, input_ids, attention_mask, weights, *,
-                  sae_config, layer: int, state_index: tuple[int, ...], compute_dtype):
-  """All variants on one batch. -> (act_sum [M, N], fire_sum [M, N], residual_sum [M, D], norm_sum [M])."""
+def _variant_stats(sae_config, sae_params, residual, weights):
+  """One variant's sums from its residual [B, T, D]. -> ([N], [N], [D], [])"""
+  residual = residual.astype(jnp.float32)
+  act_sum, fire_sum = latent_sums(sae_config, sae_params, residual, weights)
+  residual_sum = jnp.einsum("btd,bt->d", residual, weights)
+  norm_sum = jnp.sum(jnp.linalg.norm(residual, axis=-1) * weights)
+  return act_sum, fire_sum, residual_sum, norm_sum
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sae_config", "layer", "shared_count", "other_index",
+                                             "compute_dtype"))
+def _diff_program(graphdef, states, shared_lora, shared_iv, other_loras, other_ivs, sae_params, input_ids,
+                  attention_mask, weights, *, sae_config, layer: int, shared_count: int,
+                  other_index: tuple[int, ...], compute_dtype):
+  """Every variant on one batch; returns stacked sums in (shared..., other...) order.
+
+  Shared-base variants (the base itself, base + LoRA, base + intervention) are one vmapped
+  forward over their stacked adapters / interventions: a vmapped matmul against the shared,
+  unbatched weight is a single [G*B*T, In] x [In, Out] product, so the base weights are read
+  once for all of them. Variants with their own weights run one after another.
+  -> (act_sum [M, N], fire_sum [M, N], residual_sum [M, D], norm_sum [M])
+  """
+  def run(state, lora, iv):
+    return transformer.forward(graphdef, state, input_ids, attention_mask, capture=(layer,), exit_after=layer,
+                               lora=lora, intervention=iv, compute_dtype=compute_dtype).captured[layer]  # [B, T, D]
+
+  stats = functools.partial(_variant_stats, sae_config, sae_params)
   outs = []
-  for m, s in enumerate(state_index):  # unrolled: M is small and each variant may differ in structure
-    residual = transformer.forward(graphdef, states[s], input_ids, attention_mask, capture=(layer,),
-                                   exit_after=layer, lora=loras[m], intervention=interventions[m],
-                                   compute_dtype=compute_dtype).captured[layer].astype(jnp.float32)  # [B, T, D]
-    act_sum, fire_sum = latent_sums(sae_config, sae_params, residual, weights)
-    residual_sum = jnp.einsum("btd,bt->d", residual, weights)
-    norm_sum = jnp.sum(jnp.linalg.norm(residual, axis=-1) * weights)
-    outs.append((act_sum, fire_sum, residual_sum, norm_sum))
+  if shared_count:
+    if shared_lora is None and shared_iv is None:   # identical variants: compute once
+      one = stats(run(states[0], None, None), weights)
+      outs += [one] * shared_count
+    else:
+      residuals = jax.vmap(lambda lora, iv: run(states[0], lora, iv),
+                           in_axes=(None if shared_lora is None else 0, None if shared_iv is None else 0))(
+                               shared_lora, shared_iv)                                          # [G, B, T, D]
+      sums = jax.vmap(stats, in_axes=(0, None))(residuals, weights)
+      outs += [tuple(part[g] for part in sums) for g in range(shared_count)]
+  for m, s in enumerate(other_index):  # unrolled: few full fine-tunes, each with its own weights
+    outs.append(stats(run(states[s], other_loras[m], other_ivs[m]), weights))
   return tuple(jnp.stack(parts) for parts in zip(*outs))
 
 
-def _pack_variants(lm: Any, variants: Sequence[Variant]) -> tuple[tuple, tuple[int, ...]]:
-  """Unique states (the base first) and each variant's index into them."""
-  states, index = [lm.state], []
-  for v in variants:
+def stack_loras(cfg: Any, loras: Sequence[dict | None]) -> dict | None:
+  """Stacks forward-LoRA pytrees on a new leading axis, zero-padded to the union of projections and
+  the largest rank (zero rows add exactly 0, so each slice computes what its own adapter does).
+
+  -> {projection: (A [G, L, In, R], B [G, L, R, Out], scale [G, L])} or None when all are None.
+  """
+  if all(l is None for l in loras):
+    return None
+  shapes = transformer.layer_weight_shapes(cfg)
+  names = sorted({p for l in loras if l is not None for p in l})
+  rank = max(a.shape[-1] for l in loras if l is not None for a, _, _ in l.values())
+  stacked = {}
+  for p in names:
+    d_in, d_out = shapes[p]
+    a_all, b_all, s_all = [], [], []
+    for l in loras:
+      if l is None or p not in l:
+        a_all.append(jnp.zeros((cfg.num_layers, d_in, rank), jnp.float32))
+        b_all.append(jnp.zeros((cfg.num_layers, rank, d_out), jnp.float32))
+        s_all.append(jnp.zeros((cfg.num_layers,), jnp.float32))
+        continue
+      a, b, scale = l[p]
+      pad = rank - a.shape[-1]
+      a_all.append(jnp.pad(a.astype(jnp.float32), ((0, 0), (0, 0), (0, pad))))
+      b_all.append(jnp.pad(b.astype(jnp.float32), ((0, 0), (0, pad), (0, 0))))
+      s_all.append(jnp.asarray(scale, jnp.float32))
+    stacked[p] = (jnp.stack(a_all), jnp.stack(b_all), jnp.stack(s_all))
+  return stacked
+
+
+def stack_interventions(cfg: Any, ivs: Sequence[intervene.Intervention | None]) -> intervene.Intervention | None:
+  """Stacks interventions on a new leading axis (None -> no-op; ablation slots zero-padded)."""
+  if all(iv is None for iv in ivs):
+    return None
+  k = max(iv.ablate_dirs.shape[1] for iv in ivs if iv is not None)
+
+  def full(iv):
+    iv = intervene.empty(cfg, k) if iv is None else iv
+    pad = k - iv.ablate_dirs.shape[1]
+    return iv.replace(ablate_dirs=jnp.pad(iv.ablate_dirs, ((0, 0), (0, pad), (0, 0))))
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[full(iv) for iv in ivs])
+
+
+def _pack_variants(lm: Any, variants: Sequence[Variant]) -> tuple[list[int], list[int], tuple]:
+  """(positions of shared-base variants, positions of own-weight variants, unique states with the base first)."""
+  shared, others, states = [], [], [lm.state]
+  for i, v in enumerate(variants):
     if v.state is None or v.state is lm.state:
-      index.append(0)
-      continue
-    for i, s in enumerate(states):
-      if s is v.state:
-        index.append(i)
-        break
+      shared.append(i)
     else:
-      states.append(v.state)
-      index.append(len(states) - 1)
-  return tuple(states), tuple(index)
+      others.append(i)
+      if not any(s is v.state for s in states):
+        states.append(v.state)
+  return shared, others, tuple(states)
 
 
 def latent_stats(lm: Any, variants: Sequence[Variant], sae_config: sae_lib.SAEConfig,
@@ -216,18 +282,23 @@ def latent_stats(lm: Any, variants: Sequence[Variant], sae_config: sae_lib.SAECo
   if sae_config.d_in != lm.config.hidden_size:
     raise ValueError(f"SAE reads width {sae_config.d_in} but the model's hidden size is {lm.config.hidden_size}")
   layer = int(layer) % lm.config.num_layers
-  states, state_index = _pack_variants(lm, variants)
-  loras = tuple(v.lora for v in variants)
-  ivs = tuple(v.intervention for v in variants)
+  shared, others, states = _pack_variants(lm, variants)
+  shared_lora = stack_loras(lm.config, [variants[i].lora for i in shared]) if shared else None
+  shared_iv = stack_interventions(lm.config, [variants[i].intervention for i in shared]) if shared else None
+  other_index = tuple(next(j for j, s in enumerate(states) if s is variants[i].state) for i in others)
+  other_loras = tuple(variants[i].lora for i in others)
+  other_ivs = tuple(variants[i].intervention for i in others)
+  order = np.argsort(shared + others)       # program output row -> variant position
   m, n, d = len(variants), sae_config.n_latents, lm.config.hidden_size
   act = np.zeros((m, n)); fire = np.zeros((m, n)); resid = np.zeros((m, d)); norms = np.zeros((m,))
   tokens = 0.0
   for batch in batches:
     ids, mask, weights = batch[0], batch[1], batch[2]
-    out = _diff_program(lm.graphdef, states, loras, ivs, sae_params, jnp.asarray(ids), jnp.asarray(mask),
-                        jnp.asarray(weights), sae_config=sae_config, layer=layer, state_index=state_index,
+    out = _diff_program(lm.graphdef, states, shared_lora, shared_iv, other_loras, other_ivs, sae_params,
+                        jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(weights), sae_config=sae_config,
+                        layer=layer, shared_count=len(shared), other_index=other_index,
                         compute_dtype=lm.compute_dtype)
-    a, f, r, nr = jax.device_get(out)
+    a, f, r, nr = (np.asarray(x)[order] for x in jax.device_get(out))
     act += a; fire += f; resid += r; norms += nr   # float64 on the host: exact enough for any corpus
     tokens += float(np.asarray(weights, np.float64).sum())
   return LatentStats([v.name for v in variants], act, fire, resid, norms, tokens)

@@ -1,0 +1,161 @@
+"""Benchmark suite `diff`: the fused base + fine-tune + SAE latent diff vs separate calls.
+
+  python -m experiments.benchmark --suite=diff [--quick]
+
+What is timed, on the same token batches, in one run (ratios, not absolute times, are the result):
+  * fused:     `emjax.interp.diffing` — base and fine-tune (base + rank-32 LoRA on every projection)
+               run to layer L and are SAE-encoded and accumulated in ONE compiled program per batch;
+  * separate:  the same work as four jitted calls per batch (base residuals, fine-tune residuals,
+               SAE stats of each), arrays staying on the device between calls;
+  * torch:     transformers (the merged fine-tune and the base, layers past L dropped) with a forward
+               hook at layer L, then the TopK SAE encode + scatter-add in torch — what a
+               transformers + SAELens user would write (SAELens' TopK encode is the same math).
+The SAE is random (speed does not depend on its weights): 4608 latents (quick) or 9216, k=32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _arg(args: Any, name: str, default):
+  if isinstance(args, dict):
+    return args.get(name, default)
+  value = getattr(args, name, None)
+  return default if value is None else value
+
+
+def _best_of(fn, repeats: int) -> float:
+  """Seconds of the fastest of `repeats` calls after one warm-up (shared machines: the minimum is
+  the least noisy estimate of what the code costs)."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def _torch_equivalent(lm, tuned, layer: int, sae_params, k: int, batches) -> tuple[float, Any]:
+  """transformers + torch SAE: returns (a callable running all batches, the stats it computes)."""
+  import torch
+  import transformers
+
+  import emjax
+  models = []
+  with tempfile.TemporaryDirectory() as directory:
+    for m in (lm, tuned):
+      emjax.save_hf(m, directory)   # LoRA merged into the weights for the fine-tune
+      hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+      hf.model.layers = hf.model.layers[:layer + 1]   # the early exit a careful user would do
+      models.append(hf)
+  w_enc = torch.from_numpy(np.asarray(sae_params.encoder_w).T.copy())   # [D, N]
+  b_enc = torch.from_numpy(np.asarray(sae_params.encoder_b))
+  b_dec = torch.from_numpy(np.asarray(sae_params.decoder_b))
+  n = w_enc.shape[1]
+  grabbed = {}
+  for hf in models:
+    hf.model.layers[layer].register_forward_hook(
+        lambda module, inputs, output: grabbed.__setitem__("h", output[0] if isinstance(output, tuple) else output))
+
+  def run():
+    sums = [torch.zeros(n) for _ in models]
+    with torch.inference_mode():
+      for ids, mask, weights, _ in batches:
+        t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+        t_w = torch.from_numpy(weights).reshape(-1, 1)
+        for i, hf in enumerate(models):
+          hf.model(input_ids=t_ids, attention_mask=t_mask)
+          x = grabbed["h"].reshape(-1, w_enc.shape[0])
+          vals, idx = torch.topk((x - b_dec) @ w_enc + b_enc, k, dim=-1)
+          sums[i].index_add_(0, idx.reshape(-1), (torch.relu(vals) * t_w).reshape(-1))
+    return sums
+  return run
+
+
+def run_diff_suite(args: Any) -> dict:
+  """args: dict with model, repeats, quick, ceiling (the matmul GFLOP/s measured by benchmark.py)."""
+  import jax
+  import jax.numpy as jnp
+
+  import emjax
+  from emjax.interp import diffing
+  from emjax.models import lora as lora_lib
+  from emjax.sae import sae as sae_lib
+
+  quick = bool(_arg(args, "quick", False))
+  repeats = int(_arg(args, "repeats", 3))
+  lm = emjax.load_model(_arg(args, "model", "smollm2-135m-instruct"))
+  cfg = lm.config
+  layer = cfg.num_layers // 2
+  batch, seq, n_batches = (4, 64, 2) if quick else (8, 128, 4)
+  n_latents = 4608 if quick else 9216
+  sae_config = sae_lib.SAEConfig(d_in=cfg.hidden_size, n_latents=n_latents, k=32)
+  sae_params = sae_lib.init_params(sae_config, jax.random.key(0))
+  spec = lora_lib.LoraSpec(rank=32, alpha=64.0, targets="all")
+  adapter = lora_lib.init_adapter(spec, cfg, jax.random.key(1))
+  adapter = jax.tree.map(lambda x: x + 1e-3 * jax.random.normal(jax.random.key(2), x.shape), adapter)
+  tuned = dataclasses.replace(lm, lora=lora_lib.forward_lora(adapter, lora_lib.layer_scales(spec, cfg)))
+  rng = np.random.default_rng(0)
+  batches = [(rng.integers(10, cfg.vocab_size, (batch, seq)).astype(np.int32), np.ones((batch, seq), bool),
+              np.ones((batch, seq), np.float32), list(range(batch))) for _ in range(n_batches)]
+  tokens = batch * seq * n_batches
+  variants = [diffing.variant("base", lm), diffing.variant("ft", tuned)]
+
+  def fused():
+    return diffing.latent_stats(lm, variants, sae_config, sae_params, layer, batches)
+
+  sums = jax.jit(lambda p, r, w: diffing.latent_sums(sae_config, p, r, w))
+
+  def separate():
+    totals = [np.zeros(n_latents), np.zeros(n_latents)]
+    for ids, mask, weights, _ in batches:
+      for i, model in enumerate((lm, tuned)):
+        residual = model.residuals(ids, mask, layers=(layer,))[layer]
+        act, _ = sums(sae_params, residual, jnp.asarray(weights))
+        totals[i] += np.asarray(act)
+    return totals
+
+  result: dict[str, Any] = {"shape": {"batch": batch, "seq": seq, "batches": n_batches, "layer": layer,
+                                      "n_latents": n_latents, "k": 32, "lora_rank": 32, "models": 2}}
+  fused_s = _best_of(fused, repeats)
+  separate_s = _best_of(separate, repeats)
+  check_fused, check_separate = fused(), separate()
+  result["max_abs_diff_fused_vs_separate"] = float(max(np.abs(check_fused.act_sum[i] - check_separate[i]).max()
+                                                       for i in range(2)))
+  result["fused_tokens_per_s"] = tokens / fused_s
+  result["separate_tokens_per_s"] = tokens / separate_s
+  result["speedup_fused_vs_separate"] = separate_s / fused_s
+  result["target_met"] = result["speedup_fused_vs_separate"] >= 1.3
+  # FLOPs: two forwards to layer L (2 * params-in-those-layers per token, LoRA included) + two SAE encodes.
+  per_layer = sum(int(np.prod(s)) for s in __import__("emjax.models.transformer", fromlist=["x"])
+                  .layer_weight_shapes(cfg).values())
+  flops_per_token = 2 * (2 * per_layer * (layer + 1) + 2 * cfg.hidden_size * n_latents)
+  ceiling = _arg(args, "ceiling", None)
+  gflops = ceiling.get("ceiling_gflops") if isinstance(ceiling, dict) else ceiling
+  if gflops:
+    result["fused_fraction_of_ceiling"] = flops_per_token * result["fused_tokens_per_s"] / 1e9 / float(gflops)
+  try:
+    torch_run = _torch_equivalent(lm, tuned, layer, sae_params, 32, batches)
+    torch_s = _best_of(torch_run, repeats)
+    torch_sums = torch_run()
+    result["torch_tokens_per_s"] = tokens / torch_s
+    result["speedup_fused_vs_torch"] = torch_s / fused_s
+    result["max_abs_diff_fused_vs_torch"] = float(max(np.abs(check_fused.act_sum[i] - torch_sums[i].numpy()).max()
+                                                      for i in range(2)))
+  except Exception as error:  # noqa: BLE001 -- the comparison is optional; say why it is missing
+    result["torch"] = {"skipped": f"{type(error).__name__}: {error}"}
+  return result
+
+
+if __name__ == "__main__":
+  import json
+  import sys
+  print(json.dumps(run_diff_suite({"quick": "--quick" in sys.argv, "repeats": 2}), indent=1))
