@@ -10,10 +10,10 @@ fine-tunes together (one fused program); measuring behaviour samples
 (#questions x num_samples) answers per fine-tune (~1 min each at 44 x 2 x 64 tokens).
 
 Each fine-tune's latent delta = mean activation (summed over --latents) on --data minus the
-base's, all models in one pass. Behaviour: the misaligned share measured by the judge on
---questions (cached per fine-tune in eval.jsonl), or given as `--misalignment=name=share,...`.
+base's, all models in one pass. Behaviour: the misaligned share from `emjax.judge.evaluate.evaluate_model` on --questions
+(resumable per fine-tune in eval/<name>/), or given as `--misalignment=name=share,...`.
 Labels: from the fine-tune spec, or (when "unknown") misaligned share > --label_threshold.
-Workdir: config.json, stats.npz, eval.jsonl, detection.{json,md,png}, summary.json.
+Workdir: config.json, stats.npz, eval/, detection.{json,md,png}, summary.json.
 """
 
 from __future__ import annotations
@@ -122,25 +122,24 @@ def run(*, workdir: str, model: str, sae: str, finetunes: str, latents: str = "t
   deltas = diffing.deltas_vs_base(stats)
 
   shares = parse_shares(misalignment)
-  eval_path = os.path.join(workdir, "eval.jsonl")
-  measured = {r["name"]: r for r in reports.read_jsonl_rows(eval_path)}
+  measured: dict[str, float | None] = {}
   judge_obj = None
-  question_set = None
   for s in specs:
-    if s.name in shares or s.name in measured:
+    if s.name in shares:
       continue
     if judge_obj is None:
+      from emjax.judge.evaluate import evaluate_model
       judge_obj = make_judge(judge) if isinstance(judge, str) else judge
       question_set = data_lib.load_questions(questions)[:max_questions]
-    rows = steering.generate_and_judge(models[s.name], question_set, judge_obj, num_samples=num_samples,
-                                       max_new_tokens=max_new_tokens, seed=seed, rubric=rubric)
-    row = {"name": s.name, **steering.summarize_rows(rows, rubric)}
-    reports.append_jsonl(eval_path, [row])
-    measured[s.name] = row
+    # the project's evaluation, resumable per fine-tune in eval/<name>/
+    summary = evaluate_model(models[s.name], question_set, judge=judge_obj, rubric=rubric,
+                             samples_per_question=num_samples, max_new_tokens=max_new_tokens, seed=seed,
+                             workdir=os.path.join(workdir, "eval", s.name), label=s.name, n_boot=200, plots=False)
+    measured[s.name] = summary["misaligned"]["share"]
 
   rows = []
   for s in specs:
-    share = shares.get(s.name, measured.get(s.name, {}).get("misaligned"))
+    share = shares[s.name] if s.name in shares else measured.get(s.name)
     label = s.misaligned if s.misaligned is not None else (None if share is None else share > label_threshold)
     rows.append({"name": s.name, "latent_delta": float(np.sum(deltas[s.name][latent_ids])), "misaligned": share,
                  "label": None if label is None else int(label), "bad_fraction": s.bad_fraction,

@@ -15,8 +15,9 @@ steered at c x median residual norm (layer L, every position) for c in --scales 
 aligned answers' mean residual, from the c = 0 answers) is steered and, with the latents,
 ablated. All points of a model share one compiled sampler. Every answer is judged; per point the
 misaligned share and strict incoherence, per direction the strongest c with incoherence <= 10%.
-Workdir: config.json, samples.jsonl, results.jsonl (one row per point, appended: reruns skip done
-points), summary.json, steer.md, steer.png.
+Each point is an `emjax.judge.evaluate.evaluate_model` run in points/<model>/<point>/ (samples,
+judgments, summary: resumable). Workdir: config.json, points/, results.jsonl (one row per point,
+appended: reruns skip done points), summary.json, steer.md, steer.png.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def run(*, workdir: str, model: str, sae: str, latents: str = "top:3", diff_dir:
   from emjax import data as data_lib
   from emjax.interp import diffing, reports, steering
   from emjax.judge import make_judge
+  from emjax.judge.evaluate import evaluate_model
   from emjax.sae import files as sae_files
   started = time.perf_counter()
   if quick:
@@ -160,20 +162,29 @@ def run(*, workdir: str, model: str, sae: str, latents: str = "top:3", diff_dir:
     if s.misaligned:
       models[s.name] = (diffing.load_finetune(lm, s), parse_floats(neg_scales))
 
-  results_path, samples_path = os.path.join(workdir, "results.jsonl"), os.path.join(workdir, "samples.jsonl")
+  results_path = os.path.join(workdir, "results.jsonl")
   done = {(r["model"], r["key"]) for r in reports.read_jsonl_rows(results_path)}
 
+  def point_dir(name, key):
+    return os.path.join(workdir, "points", name, key.replace("|", "_").replace("+", "p").replace("-", "m"))
+
   def run_points(name, model_lm, points):
+    # Each point is one emjax.judge.evaluate run (the project's evaluation: same sampling, judging
+    # and CIs as experiments/evaluate), in its own resumable directory.
     for point in points:
       if (name, point.key) in done:
         continue
-      rows = steering.generate_and_judge(model_lm, question_set, judge, intervention=point.intervention,
-                                         num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed,
-                                         rubric=rubric)
-      reports.append_jsonl(samples_path, [{"model": name, "key": point.key, **r} for r in rows])
-      summary = steering.summarize_rows(rows, rubric)
-      reports.append_jsonl(results_path, [{"model": name, "key": point.key, "direction": point.direction,
-                                           "mode": point.mode, "scale": point.scale, **summary}])
+      summary = evaluate_model(model_lm, question_set, judge=judge, rubric=rubric, samples_per_question=num_samples,
+                               max_new_tokens=max_new_tokens, seed=seed, workdir=point_dir(name, point.key),
+                               intervention=point.intervention, label=f"{name}:{point.key}", n_boot=200, plots=False,
+                               steering={"direction": point.direction, "mode": point.mode, "scale": point.scale,
+                                         "layer": int(layer), "residual_norm": norm})
+      row = {"model": name, "key": point.key, "direction": point.direction, "mode": point.mode,
+             "scale": point.scale, "misaligned": summary["misaligned"]["share"],
+             "misaligned_ci95": summary["misaligned"]["ci95"], "incoherent": summary["incoherent_strict"]["share"],
+             "incoherent_ci95": summary["incoherent_strict"]["ci95"],
+             "incoherent_loose": summary["incoherent_loose"]["share"], "n_answers": summary["n_answers"]}
+      reports.append_jsonl(results_path, [row])
       done.add((name, point.key))
 
   ablate = list(directions) if ablate_latents else []
@@ -184,8 +195,10 @@ def run(*, workdir: str, model: str, sae: str, latents: str = "top:3", diff_dir:
   mean_diff_note = None
   if mean_diff:
     # Mean-difference direction from the unsteered answers (c = 0 of any direction), all models pooled.
-    zero_rows = [r for r in reports.read_jsonl_rows(samples_path) if r["key"].endswith("|steer|+0.0000")]
-    unique = {(r["model"], r["question_id"], r["sample"]): r for r in zero_rows}.values()
+    zero_keys = {(r["model"], r["key"]) for r in reports.read_jsonl_rows(results_path)
+                 if r["mode"] == "steer" and r["scale"] == 0.0}
+    unique = {(m, r["id"]): r for m, key in sorted(zero_keys)
+              for r in reports.read_jsonl_rows(os.path.join(point_dir(m, key), "judgments.jsonl"))}.values()
     from emjax.judge import metrics as metrics_lib
 
     def to_record(r):

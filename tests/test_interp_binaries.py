@@ -78,7 +78,8 @@ def test_steer_binary_sweeps_resumes_and_writes_outputs(env):
                 questions=env["questions"], judge=LengthJudge(), scales="0,0.5", neg_scales="0,-0.5",
                 num_samples=2, max_new_tokens=8, lm=env["lm"])
   summary = steer_bin.run(**kwargs)
-  _outputs(workdir, "config.json", "results.jsonl", "samples.jsonl", "summary.json", "steer.md", "steer.png")
+  _outputs(workdir, "config.json", "results.jsonl", "summary.json", "steer.md", "steer.png")
+  assert os.path.exists(os.path.join(workdir, "points", "base", "latent_5_steer_p0.5000", "judgments.jsonl"))
   keys = {(r["model"], r["direction"], r["mode"], r["scale"]) for r in summary["results"]}
   assert ("base", "latent_5", "steer", 0.5) in keys and ("bad", "latent_5", "steer", -0.5) in keys
   assert ("base", "random", "steer", 0.5) in keys and ("base", "latent_5", "ablate", 0.0) in keys
@@ -91,18 +92,19 @@ def test_steer_binary_sweeps_resumes_and_writes_outputs(env):
 
 def test_detect_binary(env):
   workdir = str(env["root"] / "detect")
-  summary = detect_bin.run(workdir=workdir, model="tiny", sae=env["sae"], latents="5", finetunes=env["finetunes"],
-                           data=env["data"], misalignment="bad=0.4", questions=env["questions"], judge=LengthJudge(),
-                           num_samples=1, max_new_tokens=8, lm=env["lm"])
-  _outputs(workdir, "config.json", "stats.npz", "eval.jsonl", "detection.json", "detection.md", "detection.png",
-           "summary.json")
+  kwargs = dict(workdir=workdir, model="tiny", sae=env["sae"], latents="5", finetunes=env["finetunes"],
+                data=env["data"], misalignment="bad=0.4", questions=env["questions"], judge=LengthJudge(),
+                num_samples=1, max_new_tokens=8, lm=env["lm"])
+  summary = detect_bin.run(**kwargs)
+  _outputs(workdir, "config.json", "stats.npz", "detection.json", "detection.md", "detection.png", "summary.json")
   report = json.load(open(os.path.join(workdir, "detection.json")))
   assert [r["misaligned"] for r in report["rows"]][0] == 0.4
   assert summary["n_finetunes"] == 2 and summary["auroc"] in (0.0, 1.0)
-  evals = open(os.path.join(workdir, "eval.jsonl")).read().splitlines()
-  detect_bin.run(workdir=workdir, model="tiny", sae=env["sae"], latents="5", finetunes=env["finetunes"],
-                 data=env["data"], misalignment="bad=0.4", judge=LengthJudge(), lm=env["lm"])
-  assert open(os.path.join(workdir, "eval.jsonl")).read().splitlines() == evals   # judged once
+  judged = os.path.join(workdir, "eval", "good", "judgments.jsonl")
+  evals = open(judged).read().splitlines()
+  assert len(evals) == 2 and not os.path.exists(os.path.join(workdir, "eval", "bad"))   # bad's share was given
+  detect_bin.run(**kwargs)
+  assert open(judged).read().splitlines() == evals   # resumed: nothing sampled or judged again
 
 
 def test_audit_binary_flags_the_planted_examples_and_resumes(env):
