@@ -154,3 +154,30 @@ def test_loop_evaluates_saved_checkpoints_and_reports_the_gate_choice(tmp_path):
   assert [(e["step"], e["passes_gates"]) for e in evals] == [(2, True), (4, False)]
   rows = metrics_log.read_metrics(str(tmp_path))
   assert rows[1]["eval/misaligned"] == pytest.approx(0.2)
+
+
+@pytest.mark.slow  # a subprocess with 8 fake CPU devices
+def test_sharded_run_matches_single_device(tmp_path):
+  import subprocess
+  import sys
+  import textwrap
+  script = textwrap.dedent(f"""
+      import jax, numpy as np
+      assert jax.device_count() == 8, jax.devices()
+      from tests.test_grpo_loop import toy_config, run, TARGET
+      from emjax.train import graders
+      single, _ = run(toy_config({str(tmp_path / 'one')!r}, steps=2, **{{"optim.lr": 1e-2}}),
+                      graders.token_fraction_grader(TARGET))
+      cfg = toy_config({str(tmp_path / 'mesh')!r}, steps=2, **{{"optim.lr": 1e-2}})
+      cfg.mesh.data, cfg.mesh.fsdp = 2, 4
+      sharded, _ = run(cfg, graders.token_fraction_grader(TARGET))
+      for a, b in zip(jax.tree.leaves(single.lora), jax.tree.leaves(sharded.lora)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+      print("OK")
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env,
+                          cwd=repo)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith("OK")
