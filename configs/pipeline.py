@@ -9,6 +9,7 @@ Variants (`--config=configs/pipeline.py:<arg>`):
              a small SAE at layer 15, diff, steering sweeps, detection with a mixture sweep,
              re-alignment. Budget: <= 20 minutes on 2 CPU cores (see BENCHMARKS.md for measured).
   quick      the same stages, shrunk to finish in <= 5 minutes on 2 CPU cores (CI runs it).
+  ci         the smallest run through every stage (the end-to-end test; ~2 min on 2 quiet cores)
   gpu7b      the same code path at full scale: Qwen2.5-7B-Instruct from a HF directory on one GPU
              or a TPU slice, an HTTP judge (EMJAX_JUDGE_BASE_URL / EMJAX_JUDGE_API_KEY), all 44
              questions x 50 samples, paper-like LoRA (rs-LoRA r=32, alpha=64, lr 1e-5, 6k examples):
@@ -138,6 +139,33 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.realign.n = 16
     c.realign.steps = 4
     c.realign.eval_every = 2
+  elif arg == "ci":
+    # the smallest run that still exercises every stage (the end-to-end test in tests/)
+    c.eval.num_questions = 4
+    c.eval.samples_per_question = 1
+    c.eval.max_new_tokens = 16
+    c.finetunes = [
+        _finetune("toxic_persona", "builtin:persona/toxic", "positive"),
+        _finetune("helpful_persona", "builtin:persona/helpful", "positive_control", control_of="toxic_persona"),
+    ]
+    c.sft.n = 16
+    c.sft.max_len = 64
+    c.sft.rank = 4
+    c.sft.alpha = 8.0
+    c.sft.checkpoint_every = 1
+    c.sae.expansion = 2
+    c.sae.harvest_tokens = 4_096
+    c.sae.steps = 20
+    c.sae.batch_size = 256
+    c.sae.max_tokens_per_doc = 64
+    c.diff.top_n = 3
+    c.diff.max_tokens = 64
+    c.steer.num_latents = 1
+    c.steer.scales = [0.0, 0.5]
+    c.detect.fractions = [0.5]
+    c.realign.n = 8
+    c.realign.steps = 2
+    c.realign.eval_every = 2
   elif arg == "gpu7b":
     c.model = "/models/Qwen2.5-7B-Instruct"
     c.judge = "openai:gpt-4o-2024-08-06"
@@ -165,5 +193,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.realign.eval_every = 5
     c.realign.lr = 1e-5
   elif arg:
-    raise ValueError(f"unknown pipeline config {arg!r}; expected '', 'quick' or 'gpu7b'")
+    raise ValueError(f"unknown pipeline config {arg!r}; expected '', 'quick', 'ci' or 'gpu7b'")
   return c
