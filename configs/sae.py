@@ -2,9 +2,9 @@
 
 Commands (each resumes when rerun with the same workdir):
   quick   (embedded SmolLM2-135M-Instruct, layer 15 of 30, 8x = 4608 latents, k=32; built-in
-           narrow chat data; ~60k harvested tokens, 600 steps of 1024):
+           narrow chat data; ~60k harvested tokens, 300 steps of 1024):
            python -m experiments.train_sae --config=configs/sae.py:quick --workdir=runs/sae_quick
-           about 6-10 minutes on 2 CPU cores (harvest ~4 min at ~250 tok/s, training ~2 min).
+           about 6-10 minutes on 2 CPU cores (harvest ~4 min at ~250 tok/s, training ~5 min).
   default (same model and layer, 16x = 9216 latents, k=32, 1M tokens, 4000 steps of 4096):
            python -m experiments.train_sae --config=configs/sae.py --workdir=runs/sae
            a few hours on 2 CPU cores (harvest dominates); minutes on one GPU.
@@ -64,12 +64,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.eval_tokens = 8_192
         config.shuffle_buffer_tokens = 16_384
         config.batch_size = 1024
-        config.num_steps = 600
+        config.num_steps = 300
         config.learning_rate = 2e-3  # small data, few steps: a hotter lr than the anchor
         config.warmup_steps = 30
         config.dead_tokens = 200_000
         config.log_every = 20
-        config.checkpoint_every = 200
+        config.checkpoint_every = 100
         config.eval_downstream_batches = 4
     elif arg == "paper":
         config.model = ""  # set --config.model to a HF directory

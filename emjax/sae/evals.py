@@ -179,7 +179,7 @@ def downstream_metrics(
         "ce_zero_ablation": ce_zero,
         "ce_loss_score": (ce_zero - ce_sae) / max(ce_zero - ce_clean, 1e-12),
         "kl_div": float(totals["kl"]) / count,
-        "num_tokens": count,
+        "num_scored_tokens": count,
     }
 
 
