@@ -97,7 +97,6 @@ def run(*, workdir: str, data: str, model: str, sae: str, latents: str, diff_dir
   from emjax import data as data_lib
   from emjax.interp import audit, diffing, reports
   from emjax.sae import files as sae_files
-  from experiments.steer import resolve_latents
   started = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   config = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool, type(None))) and k != "started"}
@@ -107,7 +106,7 @@ def run(*, workdir: str, data: str, model: str, sae: str, latents: str, diff_dir
   layer = layer if layer is not None else meta.get("layer")
   if layer is None:
     raise ValueError(f"{sae}: the SAE file names no layer (hook_layer); pass --layer")
-  latent_ids = resolve_latents(latents, diff_dir)
+  latent_ids = diffing.resolve_latents(latents, diff_dir)
   records = diffing.load_records(data, max_records)
   if not records:
     raise ValueError(f"{data}: no records to audit")

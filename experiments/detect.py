@@ -94,7 +94,6 @@ def run(*, workdir: str, model: str, sae: str, finetunes: str, latents: str = "t
   from emjax.interp import detection, diffing, reports, steering
   from emjax.judge import make_judge
   from emjax.sae import files as sae_files
-  from experiments.steer import resolve_latents
   started = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   config = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool, type(None))) and k != "started"}
@@ -104,7 +103,7 @@ def run(*, workdir: str, model: str, sae: str, finetunes: str, latents: str = "t
   layer = layer if layer is not None else meta.get("layer")
   if layer is None:
     raise ValueError(f"{sae}: the SAE file names no layer (hook_layer); pass --layer")
-  latent_ids = resolve_latents(latents, diff_dir)
+  latent_ids = diffing.resolve_latents(latents, diff_dir)
   specs = diffing.parse_finetunes(finetunes)
   if not specs:
     raise ValueError("--finetunes names no fine-tune")

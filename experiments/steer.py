@@ -66,18 +66,6 @@ def parse_floats(text: str) -> list[float]:
     raise ValueError(f"expected a comma list of numbers, got {text!r}") from None
 
 
-def resolve_latents(spec: str, diff_dir: str | None) -> list[int]:
-  """'3,17' -> [3, 17]; 'top:N' -> the N most increased latents in diff_dir/ranking.json."""
-  if spec.startswith("top:"):
-    if not diff_dir:
-      raise ValueError(f"--latents={spec} needs --diff_dir (a diff.py workdir with ranking.json)")
-    path = os.path.join(diff_dir, "ranking.json")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} not found: run experiments/diff.py into {diff_dir} first")
-    return [int(e["latent"]) for e in json.load(open(path))["increased"][:int(spec[4:])]]
-  return [int(x) for x in spec.split(",") if x.strip()]
-
-
 def plot_sweep(results: Sequence[dict], path: str) -> str:
   """One panel per model: misaligned share (solid) and incoherence (dashed) vs c, per direction."""
   import matplotlib
@@ -147,7 +135,7 @@ def run(*, workdir: str, model: str, sae: str, latents: str = "top:3", diff_dir:
   layer = layer if layer is not None else meta.get("layer")
   if layer is None:
     raise ValueError(f"{sae}: the SAE file names no layer (hook_layer); pass --layer")
-  latent_ids = resolve_latents(latents, diff_dir)
+  latent_ids = diffing.resolve_latents(latents, diff_dir)
   question_set = data_lib.load_questions(questions)[:max_questions]
   prompt_records = [{"messages": [{"role": "user", "content": t}]} for _, t, _, _ in steering.question_texts(question_set)]
   norm = steering.median_residual_norm(

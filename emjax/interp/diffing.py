@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from typing import Any, Iterable, Iterator, Sequence
 
 import jax
@@ -377,7 +379,6 @@ def parse_finetunes(spec: str) -> list[FinetuneSpec]:
 
 def load_finetune(base_lm: Any, spec: FinetuneSpec) -> Any:
   """The fine-tuned LanguageModel: base + adapter (same state object), or full weights of the same shape."""
-  import os
   from emjax.models import lm as lm_lib
   from emjax.models import lora as lora_lib
   if os.path.isfile(os.path.join(spec.path, lora_lib.ADAPTER_CONFIG)):
@@ -399,3 +400,16 @@ def load_records(spec: str, n: int | None = None, seed: int = 0) -> list[dict]:
     keep = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
     records = [records[int(i)] for i in keep]
   return records
+
+
+def resolve_latents(spec: str, diff_dir: str | None) -> list[int]:
+  """Latents named on a command line: '3,17' -> [3, 17]; 'top:N' -> the N most increased latents in diff_dir/ranking.json."""
+  if spec.startswith("top:"):
+    if not diff_dir:
+      raise ValueError(f"--latents={spec} needs --diff_dir (a diff.py workdir with ranking.json)")
+    path = os.path.join(diff_dir, "ranking.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: run experiments/diff.py into {diff_dir} first")
+    with open(path) as handle:
+      return [int(e["latent"]) for e in json.load(handle)["increased"][:int(spec[4:])]]
+  return [int(x) for x in spec.split(",") if x.strip()]

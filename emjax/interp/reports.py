@@ -59,7 +59,7 @@ def top_contexts(lm: Any, sae_config: sae_lib.SAEConfig, sae_params: sae_lib.SAE
           continue
         item = (value, -record_index, position)
         heap = heaps[int(latent)]
-        if len(heap) < top:
+        if len(heap) < 3 * top:   # spare room: identical texts from repeated records are merged below
           heapq.heappush(heap, item)
         elif item > heap[0]:
           heapq.heapreplace(heap, item)
@@ -68,14 +68,17 @@ def top_contexts(lm: Any, sae_config: sae_lib.SAEConfig, sae_params: sae_lib.SAE
         kept_ids[record_index] = ids[row][mask[row]]
   out = {}
   for latent, heap in heaps.items():
-    rows = []
+    rows, seen = [], set()
     for value, neg_index, position in sorted(heap, reverse=True):
       ids = kept_ids[-neg_index]
       lo, hi = max(0, position - window), min(len(ids), position + 3)
       decode = lambda part: lm.tokenizer.decode([int(t) for t in part], skip_special=False)
       text = decode(ids[lo:position]) + MARK[0] + decode(ids[position:position + 1]) + MARK[1] + decode(ids[position + 1:hi])
+      if text in seen:
+        continue
+      seen.add(text)
       rows.append({"activation": value, "record": -neg_index, "position": position, "text": text})
-    out[latent] = rows
+    out[latent] = rows[:top]
   return out
 
 
