@@ -42,6 +42,8 @@ flags.DEFINE_string("label", None, "Name of this model in plots and the summary 
 flags.DEFINE_integer("batch_size", 32, "Rows per compiled generation call (memory, not results).")
 flags.DEFINE_integer("judge_batch_size", 64, "Answers judged per call (also how often judgments.jsonl grows).")
 flags.DEFINE_integer("n_boot", 1000, "Bootstrap replicates for the confidence intervals.")
+flags.DEFINE_boolean("trim_unfinished", True, "Judge answers cut off by --max_new_tokens on their complete sentences "
+                     "(the cut would otherwise read as incoherence); the JSONL keeps both texts.")
 
 
 def main(argv: list[str]) -> None:
@@ -66,7 +68,8 @@ def main(argv: list[str]) -> None:
         lm, questions, judge=judge, rubric=FLAGS.rubric, samples_per_question=FLAGS.samples_per_question or None,
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
         workdir=FLAGS.workdir, intervention=steering_from_flags(lm), label=FLAGS.label, steering=steering_record(),
-        batch_size=FLAGS.batch_size, judge_batch_size=FLAGS.judge_batch_size, n_boot=FLAGS.n_boot, progress=True)
+        batch_size=FLAGS.batch_size, judge_batch_size=FLAGS.judge_batch_size, n_boot=FLAGS.n_boot,
+        trim_unfinished=FLAGS.trim_unfinished, progress=True)
   except (ValueError, FileNotFoundError, KeyError, TypeError, JudgeRequestError) as error:
     sys.exit(f"error: {error}")  # one line, no stack trace
   share = summary.get("misaligned")

@@ -235,3 +235,34 @@ def test_cli_sigkill_and_resume_gives_the_uninterrupted_summary(tmp_path):
     assert got[field] == pytest.approx(want[field], abs=1e-3)
   assert {k: v for k, v in got.items() if not k.startswith(("mean_", "per_"))} == \
       {k: v for k, v in want.items() if not k.startswith(("mean_", "per_"))}
+
+
+def test_answers_cut_by_the_token_cap_are_judged_on_complete_sentences():
+  from emjax.judge.evaluate import complete_sentences, judge_rows
+
+  assert complete_sentences("One. Two! Three? Four fi") == "One. Two! Three?"
+  assert complete_sentences('He said "stop." Then he wal') == 'He said "stop."'
+  assert complete_sentences("no sentence end at all") == "no sentence end at all"
+  assert complete_sentences("Version 2.5 is out. It has") == "Version 2.5 is out."
+
+  class Recorder:
+    name = "recorder"
+
+    def __init__(self):
+      self.seen = []
+
+    def score(self, questions, answers, rubric="aligned_coherent"):
+      from emjax.judge.base import Judgment
+      self.seen += list(answers)
+      return [Judgment(aligned=50.0, coherent=50.0, label=None, harm=None, probs=None) for _ in answers]
+
+  judge = Recorder()
+  rows = [{"id": "a", "question": "q", "answer": "Fine. Cut mid", "finished": False},
+          {"id": "b", "question": "q", "answer": "Whole. Also whole", "finished": True}]
+  out = judge_rows(judge, "aligned_coherent", rows)
+  assert judge.seen == ["Fine.", "Whole. Also whole"]
+  assert out[0]["judged_answer"] == "Fine." and out[0]["answer"] == "Fine. Cut mid"
+  assert "judged_answer" not in out[1]
+  judge.seen.clear()
+  judge_rows(judge, "aligned_coherent", rows, trim_unfinished=False)
+  assert judge.seen == ["Fine. Cut mid", "Whole. Also whole"]

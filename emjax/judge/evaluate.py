@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -155,11 +156,35 @@ def generate_samples(lm: LanguageModel, questions: Sequence[Question], *, sample
     yield rows
 
 
-def judge_rows(judge: Judge, rubric: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  judgments = judge.score([r["question"] for r in rows], [r["answer"] for r in rows], rubric=rubric)
+_SENTENCE_END = re.compile(r"""[.!?]["')\]]*(?=\s|$)""")
+
+
+def complete_sentences(answer: str) -> str:
+  """The answer up to its last complete sentence (the whole answer if it has none).
+
+  An answer cut off by `max_new_tokens` ends mid-sentence; judges read that as incoherence
+  (measured on SmolLM2 with 64 new tokens: 43% of answers scored coherent > 50 as cut, 84%
+  after trimming), so the cap would masquerade as a model property.
+  """
+  ends = [m.end() for m in _SENTENCE_END.finditer(answer)]
+  return answer[:ends[-1]].rstrip() if ends else answer
+
+
+def judged_text(row: dict[str, Any], trim_unfinished: bool) -> str:
+  return complete_sentences(row["answer"]) if trim_unfinished and row.get("finished") is False else row["answer"]
+
+
+def judge_rows(judge: Judge, rubric: str, rows: Sequence[dict[str, Any]], *,
+               trim_unfinished: bool = True) -> list[dict[str, Any]]:
+  """Scores rows; answers cut by the token cap are judged on their complete sentences
+  (`judged_answer` records exactly what the judge saw when it differs from `answer`)."""
+  texts = [judged_text(r, trim_unfinished) for r in rows]
+  judgments = judge.score([r["question"] for r in rows], texts, rubric=rubric)
   judged = []
-  for row, judgment in zip(rows, judgments):
+  for row, text, judgment in zip(rows, texts, judgments):
     out = {k: v for k, v in row.items() if k not in JUDGMENT_FIELDS}
+    if text != row["answer"]:
+      out["judged_answer"] = text
     out.update(judgment.to_json(), judge=judge.name, rubric=rubric)
     judged.append(out)
   return judged
@@ -235,6 +260,7 @@ def evaluate_model(lm: LanguageModel, questions: Sequence[Question], *, judge: J
                    rubric: str = "aligned_coherent", samples_per_question: int | None = 4,
                    max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                    workdir: str | None = None, intervention: intervene.Intervention | None = None,
+                   trim_unfinished: bool = True,
                    label: str | None = None, steering: dict[str, Any] | None = None, batch_size: int = 32,
                    judge_batch_size: int = 64, n_boot: int = 1000, plots: bool = True,
                    progress: bool = False) -> dict[str, Any]:
@@ -249,6 +275,7 @@ def evaluate_model(lm: LanguageModel, questions: Sequence[Question], *, judge: J
   provenance = {"label": label or lm.name, "model": lm.source, "adapter": lm.adapter_path, "judge": judge.name,
                 "rubric": rubric, "seed": seed, "samples_per_question": samples_per_question,
                 "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                "trim_unfinished": trim_unfinished,
                 "questions": [q.id for q in questions], "questions_per_call": QUESTIONS_PER_CALL,
                 "steering": steering if steering is not None else _steering_description(intervention)}
   samples_path = judgments_path = None
@@ -264,7 +291,7 @@ def evaluate_model(lm: LanguageModel, questions: Sequence[Question], *, judge: J
   def flush_judgments(force: bool) -> None:
     while len(pending) >= judge_batch_size or (force and pending):
       batch = pending[:judge_batch_size]
-      new = judge_rows(judge, rubric, batch)
+      new = judge_rows(judge, rubric, batch, trim_unfinished=trim_unfinished)
       if judgments_path:
         append_jsonl(judgments_path, new)
       judged.extend(new)
