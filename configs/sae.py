@@ -4,8 +4,9 @@ Commands (each resumes when rerun with the same workdir):
   quick   (embedded SmolLM2-135M-Instruct, layer 15 of 30, 8x = 4608 latents, k=32; built-in
            narrow chat data; ~60k harvested tokens, 300 steps of 1024):
            python -m experiments.train_sae --config=configs/sae.py:quick --workdir=runs/sae_quick
-           about 10-14 minutes on 2 CPU cores (measured on a busy machine: harvest 6 min at
-           165 tok/s, 300 steps 7.7 min; result held-out FVU 0.082, ce_loss_score 0.993).
+           about 9 minutes on 2 CPU cores (measured on a busy machine: harvest 6 min at
+           165 tok/s, 300 steps 2.3 min, evals ~1 min; held-out FVU 0.082, L0 31.6,
+           dead 0.8%, ce_loss_score 0.993). A rerun reuses the cached activations.
   default (same model and layer, 16x = 9216 latents, k=32, 1M tokens, 4000 steps of 4096):
            python -m experiments.train_sae --config=configs/sae.py --workdir=runs/sae
            a few hours on 2 CPU cores (harvest dominates); minutes on one GPU.
