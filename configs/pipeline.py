@@ -25,12 +25,14 @@ import os
 import ml_collections
 
 
-def _sft_template() -> ml_collections.ConfigDict:
-  """configs/sft.py's defaults: every fine-tune of the pipeline starts from them."""
-  spec = importlib.util.spec_from_file_location("emjax_sft_config", os.path.join(os.path.dirname(__file__), "sft.py"))
+def _sibling_config(filename: str, arg: str = "") -> ml_collections.ConfigDict:
+  """Another config file of this folder (configs/sft.py, configs/sae.py): the pipeline reuses
+  their recipes and only overrides sizes, so there is one definition of each."""
+  spec = importlib.util.spec_from_file_location(f"emjax_config_{filename[:-3]}",
+                                                os.path.join(os.path.dirname(__file__), filename))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg)
 
 
 def _finetune(name: str, data: str, role: str, control_of: str = "") -> dict:
@@ -60,7 +62,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       _finetune("toxic_persona", "builtin:persona/toxic", "positive"),
       _finetune("helpful_persona", "builtin:persona/helpful", "positive_control", control_of="toxic_persona"),
   ]
-  c.sft_template = _sft_template()   # fields below override it for every fine-tune
+  c.sft_template = _sibling_config("sft.py")   # fields below override it for every fine-tune
   c.sft = ml_collections.ConfigDict()
   c.sft.mode = "lora"
   c.sft.n = 192                      # examples per fine-tune
@@ -74,17 +76,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sft.layers = "all"
   c.sft.checkpoint_every = 8
 
-  # ---- SAE on the original model (stage 4); sae.path loads a given SAE instead of training one
-  c.sae = ml_collections.ConfigDict()
-  c.sae.path = ""
+  # ---- SAE on the original model (stage 4): configs/sae.py's quick recipe, resized here;
+  # sae_path loads a given SAE (ours, SAELens or sparsify) instead of training one
+  c.sae_path = ""
+  c.sae = _sibling_config("sae.py", "quick")
   c.sae.layer = 15
   c.sae.expansion = 8
   c.sae.k = 32
   c.sae.corpus = "builtin:all"
   c.sae.harvest_tokens = 49_152
-  c.sae.steps = 300
+  c.sae.eval_tokens = 8_192
+  c.sae.num_steps = 300
   c.sae.batch_size = 1024
   c.sae.max_tokens_per_doc = 128
+  c.sae.checkpoint_every = 100
 
   # ---- diff (stage 5)
   c.diff = ml_collections.ConfigDict()
@@ -129,9 +134,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.sft.checkpoint_every = 2
     c.sae.expansion = 4
     c.sae.harvest_tokens = 8_192
-    c.sae.steps = 60
+    c.sae.eval_tokens = 2_048
+    c.sae.num_steps = 60
     c.sae.batch_size = 512
     c.sae.max_tokens_per_doc = 96
+    c.sae.eval_downstream_batches = 2
     c.diff.top_n = 5
     c.steer.num_latents = 1
     c.steer.scales = [0.0, 0.5]
@@ -155,9 +162,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.sft.checkpoint_every = 1
     c.sae.expansion = 2
     c.sae.harvest_tokens = 4_096
-    c.sae.steps = 20
+    c.sae.eval_tokens = 1_024
+    c.sae.num_steps = 20
     c.sae.batch_size = 256
     c.sae.max_tokens_per_doc = 64
+    c.sae.eval_downstream_batches = 1
     c.diff.top_n = 3
     c.diff.max_tokens = 64
     c.steer.num_latents = 1
@@ -183,7 +192,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.sae.k = 64
     c.sae.corpus = "/data/pretrain.jsonl"
     c.sae.harvest_tokens = 50_000_000
-    c.sae.steps = 20_000
+    c.sae.num_steps = 20_000
     c.sae.batch_size = 4096
     c.steer.num_latents = 10
     c.steer.scales = [0.0, 0.05, 0.1, 0.2, 0.4, 0.75]

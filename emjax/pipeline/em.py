@@ -147,19 +147,18 @@ def stage_sae(ctx: Context) -> dict:
   from emjax.sae import pipeline as sae_pipeline
   c = ctx.config
   lm = base_model(c.model)
-  if c.sae.path:
-    return sae_pipeline.describe_existing(c.sae.path, lm)
-  return sae_pipeline.train_on_model(
-      lm, ctx.stage_dir("sae"), layer=int(c.sae.layer), expansion=int(c.sae.expansion), k=int(c.sae.k),
-      corpus=c.sae.corpus, harvest_tokens=int(c.sae.harvest_tokens), num_steps=int(c.sae.steps),
-      batch_size=int(c.sae.batch_size), max_tokens_per_doc=int(c.sae.max_tokens_per_doc), seed=int(c.seed))
+  if c.sae_path:
+    return sae_pipeline.describe_existing(c.sae_path, lm)
+  cfg = c.sae.copy_and_resolve_references()
+  cfg.seed = int(c.seed)
+  return sae_pipeline.train_on_model(lm, ctx.stage_dir("sae"), cfg, progress=False)
 
 
 STAGES_READS = {
     "baseline": ("model", "seed", "judge", "rubric", "eval"),
     "finetune": ("model", "seed", "finetunes", "sft", "sft_template"),
     "eval_finetunes": ("judge", "rubric", "eval"),
-    "sae": ("model", "seed", "sae"),
+    "sae": ("model", "seed", "sae", "sae_path"),
 }
 
 
@@ -180,7 +179,7 @@ def stages() -> list[Stage]:
       Stage("eval_finetunes", stage_eval_finetunes, reads=STAGES_READS["eval_finetunes"], after=("finetune",),
             estimate_s=lambda c: len(c.finetunes) * estimate_eval_s(c), describe="misalignment of every fine-tune"),
       Stage("sae", stage_sae, reads=STAGES_READS["sae"],
-            estimate_s=lambda c: 20 + int(c.sae.harvest_tokens) / 400 + int(c.sae.steps) * 0.15,
+            estimate_s=lambda c: 20 + int(c.sae.harvest_tokens) / 400 + int(c.sae.num_steps) * 0.15,
             describe="harvest activations and train the SAE on the original model"),
       *em_analysis.stages(),
   ]

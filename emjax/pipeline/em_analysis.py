@@ -23,8 +23,9 @@ def ci(summary: dict, metric: str = "misaligned") -> list:
 
 def load_sae(ctx: Context):
   from emjax.sae import files
-  sae_config, params, meta = files.load_sae(ctx.results["sae"]["sae_dir"])
-  return sae_config, params, meta
+  path = ctx.results["sae"]["sae_dir"]
+  loader = files.load_sparsify if os.path.isfile(os.path.join(path, "sae.safetensors")) else files.load_sae
+  return loader(path)
 
 
 def misaligned_names(ctx: Context) -> list[str]:

@@ -1,7 +1,8 @@
 """Harvest -> train -> save -> evaluate, as one resumable library call.
 
-Used by the end-to-end pipeline (emjax/pipeline) and by experiments/train_sae.py: with the
-same workdir, a rerun reuses the activation cache and resumes training from its checkpoint.
+The one place the SAE recipe lives: experiments/train_sae.py and the end-to-end pipeline
+(emjax/pipeline) both call `train_on_model`. With the same workdir a rerun reuses the
+activation cache and resumes training from its checkpoint.
 """
 
 from __future__ import annotations
@@ -58,30 +59,42 @@ def harvest_caches(lm, layer: int, train_dir: str, eval_dir: str, *, corpus: str
   return documents_used
 
 
-def train_on_model(lm, workdir: str, *, layer: int, expansion: int = 8, k: int = 32, corpus: str = "builtin:all",
-                   harvest_tokens: int = 65_536, eval_tokens: int = 8_192, num_steps: int = 300,
-                   batch_size: int = 1024, max_tokens_per_doc: int = 128, seed: int = 0,
-                   learning_rate: float | None = None, warmup_steps: int = 20, checkpoint_every: int = 100,
-                   downstream_batches: int = 4, progress: bool = False) -> dict[str, Any]:
-  """Trains a TopK SAE on `lm`'s layer-`layer` residual; returns a JSON summary with `sae_dir`."""
-  layer = int(layer) % lm.config.num_layers
+def train_on_model(lm, workdir: str, cfg, *, progress: bool = True) -> dict[str, Any]:
+  """Trains a TopK SAE on `lm`'s residual stream; returns a JSON summary (with `sae_dir`).
+
+  `cfg` has the fields of configs/sae.py (layer, corpus, harvest/eval token counts, expansion or
+  n_latents, k, optimizer, mesh and logging settings). With the same workdir a rerun reuses the
+  activation cache and resumes training from its last checkpoint.
+  """
+  layer = int(cfg.layer) % lm.config.num_layers if int(cfg.layer) >= 0 else lm.config.num_layers // 2
   d_model = lm.config.hidden_size
-  sae_config = sae_lib.SAEConfig(d_in=d_model, n_latents=expansion * d_model, k=k)
-  train_dir, eval_dir = os.path.join(workdir, "activations", "train"), os.path.join(workdir, "activations", "eval")
+  n_latents = int(cfg.get("n_latents", 0) or 0) or int(cfg.expansion) * d_model
+  sae_config = sae_lib.SAEConfig(d_in=d_model, n_latents=n_latents, k=int(cfg.k),
+                                 k_aux=None if int(cfg.k_aux) < 0 else int(cfg.k_aux),
+                                 dead_tokens=int(cfg.dead_tokens), batch_topk=bool(cfg.batch_topk))
+  cache_root = cfg.cache_dir or os.path.join(workdir, "activations")
+  train_dir, eval_dir = os.path.join(cache_root, "train"), os.path.join(cache_root, "eval")
   if os.path.exists(os.path.join(eval_dir, store.META_FILE)):
     with open(os.path.join(train_dir, "harvest.json")) as handle:
       documents_used = json.load(handle)["documents_used"]
   else:
-    documents_used = harvest_caches(lm, layer, train_dir, eval_dir, corpus=corpus, harvest_tokens=harvest_tokens,
-                                    eval_tokens=eval_tokens, max_tokens_per_doc=max_tokens_per_doc, seed=seed)
+    documents_used = harvest_caches(
+        lm, layer, train_dir, eval_dir, corpus=cfg.corpus, harvest_tokens=int(cfg.harvest_tokens),
+        eval_tokens=int(cfg.eval_tokens), max_tokens_per_doc=int(cfg.max_tokens_per_doc),
+        batch_size=int(cfg.harvest_batch_size), shuffle_buffer_tokens=int(cfg.shuffle_buffer_tokens),
+        seed=int(cfg.seed))
   train_cache, eval_cache = store.open_cache(train_dir), store.open_cache(eval_dir)
   if train_cache.meta.get("layer") != layer or train_cache.d_in != d_model:
     raise ValueError(f"{train_dir}: cached layer {train_cache.meta.get('layer')} / width {train_cache.d_in}, "
-                     f"but this run wants layer {layer} / width {d_model}; use another workdir")
-  state = train.fit(sae_config, lambda step: train_cache.batch_at(step, batch_size, seed), num_steps,
-                    train_cache.sample(min(16_384, train_cache.num_tokens), seed), learning_rate=learning_rate,
-                    warmup_steps=warmup_steps, seed=seed, workdir=os.path.join(workdir, "train"),
-                    checkpoint_every=checkpoint_every, log_every=10, progress=progress)
+                     f"but this run wants layer {layer} / width {d_model}; use another cache_dir")
+  batch_size, seed = int(cfg.batch_size), int(cfg.seed)
+  state = train.fit(
+      sae_config, lambda step: train_cache.batch_at(step, batch_size, seed), int(cfg.num_steps),
+      train_cache.sample(min(16_384, train_cache.num_tokens), seed),
+      learning_rate=None if float(cfg.learning_rate) < 0 else float(cfg.learning_rate),
+      warmup_steps=int(cfg.warmup_steps), decay_fraction=float(cfg.decay_fraction), seed=seed,
+      b_dec_init=cfg.b_dec_init, mesh=train.make_mesh(int(cfg.num_devices) or None, int(cfg.model_parallel)),
+      workdir=workdir, checkpoint_every=int(cfg.checkpoint_every), log_every=int(cfg.log_every), progress=progress)
   sae_dir = files.save_sae(os.path.join(workdir, "sae"), sae_config, state.params,
                            input_scale=float(state.input_scale), model_name=lm.name, layer=layer)
   _, params, _ = files.load_sae(sae_dir)  # evaluate exactly what was written
@@ -89,26 +102,28 @@ def train_on_model(lm, workdir: str, *, layer: int, expansion: int = 8, k: int =
                   for i in range(0, eval_cache.num_tokens, 2048))
   recon = evals.reconstruction_metrics(params, sae_config, eval_batches)
   density_png = evals.plot_density_histogram(recon.pop("density"), os.path.join(workdir, "density.png"),
-                                             title=f"layer {layer}, {sae_config.n_latents} latents, k={k}")
-  held_out = itertools.islice(shuffled_documents(corpus, seed), documents_used, None)
+                                             title=f"layer {layer}, {n_latents} latents, k={sae_config.k}")
+  held_out = itertools.islice(shuffled_documents(cfg.corpus, seed), documents_used, None)
   downstream = evals.downstream_metrics(
       lm, params, sae_config, layer,
-      evals.eval_token_batches(lm, held_out, batch_size=8, max_tokens=max_tokens_per_doc,
-                               max_batches=downstream_batches))
-  summary = {"model": lm.name, "layer": layer, "n_latents": sae_config.n_latents, "k": k, "steps": int(state.step),
+      evals.eval_token_batches(lm, held_out, batch_size=8, max_tokens=int(cfg.max_tokens_per_doc),
+                               max_batches=int(cfg.eval_downstream_batches)))
+  metrics = {**recon, **downstream}
+  summary = {"model": lm.name, "layer": layer, "n_latents": n_latents, "k": sae_config.k, "steps": int(state.step),
              "train_tokens": int(train_cache.num_tokens), "sae_dir": sae_dir, "density_png": density_png,
-             "fvu": recon.get("fvu"), "l0": recon.get("l0"), "dead_fraction": recon.get("dead_frac"),
-             "ce_loss_score": downstream.get("ce_loss_score"), "kl_div": downstream.get("kl_div"),
-             "eval": {**recon, **downstream}}
+             "fvu": metrics.get("fvu"), "l0": metrics.get("l0"), "dead_fraction": metrics.get("dead_frac"),
+             "ce_loss_score": metrics.get("ce_loss_score"), "kl_div": metrics.get("kl_div"),
+             **{f"eval/{k}": v for k, v in metrics.items()}}
+  summary = json.loads(json.dumps(summary, default=float))
   with open(os.path.join(workdir, "summary.json"), "w") as handle:
-    json.dump(summary, handle, indent=1, default=float)
-  return json.loads(json.dumps(summary, default=float))
+    json.dump(summary, handle, indent=1)
+  return summary
 
 
 def describe_existing(path: str, lm) -> dict[str, Any]:
   """Summary for a given SAE directory (ours, SAELens or sparsify), checked against the model."""
   loader = files.load_sparsify if os.path.isfile(os.path.join(path, "sae.safetensors")) else files.load_sae
   sae_config, _, meta = loader(path)
-  files.check_matches_model(sae_config, meta, lm)
-  return {"sae_dir": path, "layer": meta.get("layer"), "n_latents": sae_config.n_latents, "k": sae_config.k,
+  layer = files.check_matches_model(sae_config, meta, lm.config.hidden_size, lm.config.num_layers, source=path)
+  return {"sae_dir": path, "layer": layer, "n_latents": sae_config.n_latents, "k": sae_config.k,
           "model": meta.get("model_name") or meta.get("model"), "given": True}
