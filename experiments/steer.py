@@ -76,8 +76,9 @@ def plot_sweep(results: Sequence[dict], path: str) -> str:
   for ax, model in zip(axes[0], models):
     rows = [r for r in results if r["model"] == model and r["mode"] == "steer"]
     for i, direction in enumerate(sorted({r["direction"] for r in rows})):
-      points = sorted((r["scale"], r["misaligned"] or 0.0, r["incoherent"] or 0.0) for r in rows
-                      if r["direction"] == direction)
+      nan = float("nan")   # a share with no valid answer is a gap in the line, not a 0
+      points = sorted((r["scale"], nan if r["misaligned"] is None else r["misaligned"],
+                       nan if r["incoherent"] is None else r["incoherent"]) for r in rows if r["direction"] == direction)
       colour = f"C{i}"
       ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", color=colour, label=direction)
       ax.plot([p[0] for p in points], [100 * p[2] for p in points], "x--", color=colour, alpha=0.6)
@@ -101,7 +102,11 @@ def sweep_markdown(summary: dict) -> str:
                  f"{fmt(r['incoherent'])} |")
   lines += ["", f"Strongest c with incoherence <= {100 * summary['max_incoherent']:.0f}%:", ""]
   for key, best in summary["strongest_coherent"].items():
-    lines.append(f"- {key}: c = {best['scale']:+.2f}, misaligned {100 * (best['misaligned'] or 0):.1f}%")
+    share = "-" if best["misaligned"] is None else f"{100 * best['misaligned']:.1f}%"
+    lines.append(f"- {key}: c = {best['scale']:+.2f}, misaligned {share}")
+  if not summary["strongest_coherent"]:
+    lines.append("- none: every point, c = 0 included, is above the incoherence cap (a judge/model/length issue "
+                 "to fix before steering can be read)")
   if summary.get("mean_diff_note"):
     lines += ["", summary["mean_diff_note"]]
   return "\n".join(lines) + "\n"
