@@ -150,7 +150,7 @@ def _candidate_program(graphdef, state, prompt_ids, prompt_mask, cand_ids, cand_
   prefill = transformer.forward(graphdef, state, prompt_ids, prompt_mask, cache=cache, cache_index=jnp.int32(0),
                                 key_mask=prompt_mask.astype(bool), lora=lora, compute_dtype=compute_dtype)
   first = jax.nn.log_softmax(prefill.logits[0, -1].astype(jnp.float32))  # [V]
-  prompt_k, prompt_v = prefill.cache                                     # [L, 1, P, K, Dh] each
+  prompt_k, prompt_v = prefill.cache                                     # [L, 1, K, P, Dh] each
 
   merged = nnx.merge(graphdef, state)
   weights = {name: getattr(merged.layers, name)[...] for name in transformer.layer_weight_shapes(cfg)}
@@ -163,9 +163,9 @@ def _candidate_program(graphdef, state, prompt_ids, prompt_mask, cand_ids, cand_
 
   def body(h, x):
     # this layer's cache: the prompt's keys/values shared by every candidate row, then room for S
-    shape = (1, c, p + s, cfg.num_kv_heads, cfg.head_dim)
-    ck = jnp.zeros(shape, compute_dtype).at[0, :, :p].set(jnp.broadcast_to(x["k"], (c, p) + x["k"].shape[2:]))
-    cv = jnp.zeros(shape, compute_dtype).at[0, :, :p].set(jnp.broadcast_to(x["v"], (c, p) + x["v"].shape[2:]))
+    shape = (1, c, cfg.num_kv_heads, p + s, cfg.head_dim)
+    ck = jnp.zeros(shape, compute_dtype).at[0, :, :, :p].set(jnp.broadcast_to(x["k"], (c,) + x["k"].shape[1:]))
+    cv = jnp.zeros(shape, compute_dtype).at[0, :, :, :p].set(jnp.broadcast_to(x["v"], (c,) + x["v"].shape[1:]))
     h, _ = transformer.block(cfg, h, x["w"], x.get("lora"), positions=positions, mask=mask, inv_freq=inv_freq,
                              compute_dtype=compute_dtype, cache_kv=(ck, cv, 0), cache_index=jnp.int32(p))
     return h, None
