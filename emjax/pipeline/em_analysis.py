@@ -91,9 +91,9 @@ def stage_diff(ctx: Context) -> dict:
   ranking = diffing.rank_latents(deltas, bad, top_n=int(c.diff.top_n), aligned=aligned_names(ctx))
   out_dir = ctx.stage_dir("diff")
   np.savez(os.path.join(out_dir, "deltas.npz"), **{k: v for k, v in deltas.items()}, score=ranking["score"])
-  report_files = reports.write_latent_report(
-      out_dir, lm, sae_config, params, layer, ranking, deltas, corpus=records, top_n=int(c.diff.top_n)) \
-      if hasattr(reports, "write_latent_report") else {}
+  report = reports.latent_report(lm, sae_config, params, layer, ranking, stats, corpus=records[:256],
+                                 top_n=int(c.diff.top_n))
+  report_files = reports.write_report(report, out_dir, title=f"Latents of {c.model} layer {layer} that fine-tuning moved")
   return {"layer": layer, "misaligned": bad, "aligned": aligned_names(ctx), "tokens": stats.tokens,
           "increased": ranking["increased"], "decreased": ranking["decreased"], "files": report_files,
           "variants": names}
@@ -249,8 +249,7 @@ def stage_detect_finetunes(ctx: Context) -> dict:
 
 
 def stage_detect(ctx: Context) -> dict:
-  from emjax.interp import diffing
-  from emjax.judge.metrics import auroc
+  from emjax.interp import detection, diffing
   c = ctx.config
   lm = em.base_model(c.model)
   sae_config, params, _ = load_sae(ctx)
@@ -280,43 +279,14 @@ def stage_detect(ctx: Context) -> dict:
                                                      and ci(summaries[name])[0] is not None
                                                      and ci(summaries[name])[0] > 0),
                  "bad_fraction": fraction})
-  labels = [int(r["label_misaligned"]) for r in rows]
-  scores = [r["latent_delta"] for r in rows]
-  detection_auroc = auroc(scores, labels) if 0 < sum(labels) < len(labels) else None
-  behaviour = [r["misaligned"] or 0.0 for r in rows]
-  correlation = float(np.corrcoef(scores, behaviour)[0, 1]) if len(rows) > 2 and np.std(behaviour) > 0 else None
-  figure = plot_detection(rows, os.path.join(out_dir, "detection.png"))
-  return {"persona_latents": persona, "rows": rows, "auroc": detection_auroc, "correlation": correlation,
-          "figure": figure}
-
-
-def plot_detection(rows, path) -> str:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for r in rows:
-    color = "tab:red" if r["label_misaligned"] else "tab:blue"
-    axes[0].scatter(r["latent_delta"], r["misaligned"] or 0, color=color)
-    axes[0].annotate(r["finetune"], (r["latent_delta"], r["misaligned"] or 0), fontsize=7)
-  axes[0].set(xlabel="persona latent activation change vs original", ylabel="misaligned share",
-              title="latent delta vs behaviour (red: labelled misaligned)")
-  mix = sorted([r for r in rows if r["bad_fraction"] is not None], key=lambda r: r["bad_fraction"])
-  if mix:
-    xs = [100 * r["bad_fraction"] for r in mix]
-    ax = axes[1]
-    ax.plot(xs, [r["latent_delta"] for r in mix], marker="o", color="tab:purple", label="persona latent delta")
-    ax.set(xlabel="% bad (toxic persona) data in the fine-tune", ylabel="latent delta", title="mixture sweep")
-    ax2 = ax.twinx()
-    ax2.errorbar(xs, [r["misaligned"] or 0 for r in mix], yerr=_yerr(mix), marker="s", color="tab:red", capsize=3,
-                 label="misaligned share")
-    ax2.set_ylabel("misaligned share")
-    ax.legend(loc="upper left", fontsize=7)
-    ax2.legend(loc="lower right", fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  report = detection.detection_report(
+      [{"name": r["finetune"], "latent_delta": r["latent_delta"], "misaligned": r["misaligned"],
+        "label": int(r["label_misaligned"]), "bad_fraction": r["bad_fraction"]} for r in rows])
+  figure = detection.plot_detection(report, os.path.join(out_dir, "detection.png"),
+                                    title=f"persona latents {persona} (layer {layer})")
+  return {"persona_latents": persona, "rows": rows, "auroc": report["auroc"], "correlation": report["pearson"],
+          "spearman": report["spearman"], "latent_rises_at": report.get("latent_rises_at"),
+          "behaviour_rises_at": report.get("behaviour_rises_at"), "figure": figure}
 
 
 # ----------------------------------------------------------------------------- stage 8: re-align

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from emjax.pipeline import em
@@ -31,23 +32,6 @@ def plot_misalignment_bars(rows, path: str) -> str:
   return path
 
 
-def plot_latent_ranking(diff: dict, path: str) -> str:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  inc, dec = diff["increased"], diff["decreased"]
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for ax, entries, title, color in ((axes[0], inc, "most increased", "tab:red"),
-                                    (axes[1], dec, "most decreased", "tab:blue")):
-    ax.barh([f"latent {e['latent']}" for e in entries][::-1], [e["score"] for e in entries][::-1], color=color)
-    ax.set(title=f"{title} (mean over misaligned fine-tunes, minus controls)", xlabel="mean activation change")
-    ax.tick_params(labelsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
-
-
 def stage_report(ctx: Context) -> dict:
   c, r, out = ctx.config, ctx.results, ctx.stage_dir("report")
   judge, rubric = c.judge, c.rubric
@@ -64,7 +48,14 @@ def stage_report(ctx: Context) -> dict:
     bars.append({"name": name, "role": run["role"], "misaligned": share(summaries[name]), "ci": ci(summaries[name]),
                  "incoherent": share(summaries[name], "incoherent_loose")})
   bars_png = plot_misalignment_bars(bars, os.path.join(out, "misalignment.png"))
-  ranking_png = plot_latent_ranking(r["diff"], os.path.join(out, "latents.png"))
+  ranking_png = r["diff"]["files"]["png"]
+  with open(r["diff"]["files"]["json"]) as f:
+    latent_report = json.load(f)
+  lens_rows = []
+  for item in latent_report.get("increased", [])[:5]:
+    promoted = ", ".join(repr(t["token"]) for t in item["logit_lens"].get("promoted", [])[:6])
+    context = item["contexts"][0]["text"][:120] if item.get("contexts") else ""
+    lens_rows.append([item["latent"], item["score"], promoted, context])
 
   eval_rows = []
   for b in bars:
@@ -99,10 +90,14 @@ def stage_report(ctx: Context) -> dict:
   sections.append(Section("5. Model diffing", paragraphs=[
       f"Every model was run on the same {fmt(diff['tokens'])} assistant tokens (evaluation prompts with answers "
       "sampled from all models); latents are ranked by the increase of mean activation over the misaligned "
-      "fine-tunes minus the controls."], figures=[Figure(ranking_png, "Top increased and decreased latents.")],
+      "fine-tunes minus the controls. The full latent report (top-activating contexts with the "
+      "activating token marked, logit lens, activation per fine-tune) is `diff/latents.md`."],
+      figures=[Figure(ranking_png, "Top increased and decreased latents.")],
       tables=[Table(["latent", "score"] + diff["variants"],
                     [[e["latent"], e["score"]] + [e["per_finetune"].get(v) for v in diff["variants"]]
-                     for e in diff["increased"]], "Most increased latents: activation change per fine-tune.")]))
+                     for e in diff["increased"]], "Most increased latents: activation change per fine-tune."),
+              Table(["latent", "score", "logit lens: most promoted tokens", "top-activating context"], lens_rows,
+                    "What the top latents read and write.")]))
   steer = r["steer"]
   sections.append(Section("6. Steering", paragraphs=[
       f"Steering adds c × {fmt(steer['median_norm'])} (the median residual norm at layer {steer['layer']}) × the "
