@@ -102,10 +102,7 @@ def run(*, workdir: str, data: str, model: str, sae: str, latents: str, diff_dir
   config = {k: v for k, v in locals().items() if isinstance(v, (str, int, float, bool, type(None))) and k != "started"}
   reports.write_json(os.path.join(workdir, "config.json"), config)
   lm = lm if lm is not None else emjax.load_model(model, dtype=dtype, adapter=adapter)
-  sae_config, sae_params, meta = sae_files.load_sae(sae)
-  layer = layer if layer is not None else meta.get("layer")
-  if layer is None:
-    raise ValueError(f"{sae}: the SAE file names no layer (hook_layer); pass --layer")
+  sae_config, sae_params, layer = sae_files.load_for_model(sae, lm, layer)
   latent_ids = diffing.resolve_latents(latents, diff_dir)
   records = diffing.load_records(data, max_records)
   if not records:

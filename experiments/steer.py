@@ -136,10 +136,7 @@ def run(*, workdir: str, model: str, sae: str, latents: str = "top:3", diff_dir:
   reports.write_json(os.path.join(workdir, "config.json"), config)
   lm = lm if lm is not None else emjax.load_model(model, dtype=dtype)
   judge = make_judge(judge) if isinstance(judge, str) else judge
-  sae_config, sae_params, meta = sae_files.load_sae(sae)
-  layer = layer if layer is not None else meta.get("layer")
-  if layer is None:
-    raise ValueError(f"{sae}: the SAE file names no layer (hook_layer); pass --layer")
+  sae_config, sae_params, layer = sae_files.load_for_model(sae, lm, layer)
   latent_ids = diffing.resolve_latents(latents, diff_dir)
   question_set = data_lib.load_questions(questions)[:max_questions]
   prompt_records = [{"messages": [{"role": "user", "content": t}]} for _, t, _, _ in steering.question_texts(question_set)]

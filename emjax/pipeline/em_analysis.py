@@ -22,10 +22,10 @@ def ci(summary: dict, metric: str = "misaligned") -> list:
 
 
 def load_sae(ctx: Context):
+  """(config, params, layer) of the stage-4 SAE, checked against the model."""
   from emjax.sae import files
-  path = ctx.results["sae"]["sae_dir"]
-  loader = files.load_sparsify if os.path.isfile(os.path.join(path, "sae.safetensors")) else files.load_sae
-  return loader(path)
+  return files.load_for_model(ctx.results["sae"]["sae_dir"], em.base_model(ctx.config.model),
+                              ctx.results["sae"].get("layer"))
 
 
 def misaligned_names(ctx: Context) -> list[str]:

@@ -244,3 +244,15 @@ def check_matches_model(
     if not 0 <= layer < num_layers:
         raise ValueError(f"{source}: layer {layer} does not exist; the model has layers 0..{num_layers - 1}")
     return int(layer)
+
+
+def load_for_model(path: str, lm: Any, layer: int | None = None) -> tuple[sae_lib.SAEConfig, sae_lib.SAEParams, int]:
+    """Load an SAE directory (ours/SAELens, or sparsify) and check it fits `lm`.
+
+    Returns (config, params, layer): `layer` is the one given, else the file's hook layer; a width
+    or layer that does not fit the model raises an error naming the file.
+    """
+    loader = load_sparsify if os.path.isfile(os.path.join(path, "sae.safetensors")) else load_sae
+    config, params, metadata = loader(path)
+    layer = check_matches_model(config, metadata, lm.config.hidden_size, lm.config.num_layers, layer, source=path)
+    return config, params, layer

@@ -122,8 +122,5 @@ def train_on_model(lm, workdir: str, cfg, *, progress: bool = True) -> dict[str,
 
 def describe_existing(path: str, lm) -> dict[str, Any]:
   """Summary for a given SAE directory (ours, SAELens or sparsify), checked against the model."""
-  loader = files.load_sparsify if os.path.isfile(os.path.join(path, "sae.safetensors")) else files.load_sae
-  sae_config, _, meta = loader(path)
-  layer = files.check_matches_model(sae_config, meta, lm.config.hidden_size, lm.config.num_layers, source=path)
-  return {"sae_dir": path, "layer": layer, "n_latents": sae_config.n_latents, "k": sae_config.k,
-          "model": meta.get("model_name") or meta.get("model"), "given": True}
+  sae_config, _, layer = files.load_for_model(path, lm)
+  return {"sae_dir": path, "layer": layer, "n_latents": sae_config.n_latents, "k": sae_config.k, "given": True}
