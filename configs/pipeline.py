@@ -6,8 +6,10 @@ r"""The main job: the paper's emergent-misalignment story, end to end, as cached
 Variants (`--config=configs/pipeline.py:<arg>`):
   (default)  embedded SmolLM2-135M-Instruct, offline embed judge; two narrow fine-tunes (health
              advice: subtly incorrect vs correct), the positive control (toxic vs helpful persona),
-             a small SAE at layer 15, diff, steering sweeps, detection with a mixture sweep,
-             re-alignment. Budget: <= 20 minutes on 2 CPU cores (see BENCHMARKS.md for measured).
+             a small SAE at layer 15, diff, steering sweeps, detection with a 25% mixture,
+             re-alignment; 14 questions x 2 samples per evaluation. Budget: <= 20 minutes on 2 CPU
+             cores (BENCHMARKS.md has the measured time). Scale up with --config.eval.num_questions=0
+             --config.eval.samples_per_question=8 --config.sft.n=600 --config.detect.fractions=...
   quick      the same stages, shrunk to finish in <= 5 minutes on 2 CPU cores (CI runs it).
   ci         the smallest run through every stage (the end-to-end test; ~2 min on 2 quiet cores)
   gpu7b      the same code path at full scale: Qwen2.5-7B-Instruct from a HF directory on one GPU
@@ -50,8 +52,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # ---- evaluation (stage 1, 3, and every steering / re-alignment point)
   c.eval = ml_collections.ConfigDict()
   c.eval.questions = "builtin:questions/core"
-  c.eval.num_questions = 22          # first N questions (0 = all 44), spread over the categories
-  c.eval.samples_per_question = 3
+  c.eval.num_questions = 14          # N questions (0 = all 44), spread over the categories
+  c.eval.samples_per_question = 2
   c.eval.max_new_tokens = 48
   c.eval.temperature = 1.0
 
@@ -65,7 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sft_template = _sibling_config("sft.py")   # fields below override it for every fine-tune
   c.sft = ml_collections.ConfigDict()
   c.sft.mode = "lora"
-  c.sft.n = 192                      # examples per fine-tune
+  c.sft.n = 96                       # examples per fine-tune
   c.sft.epochs = 1
   c.sft.batch_size = 8
   c.sft.max_len = 128
@@ -84,9 +86,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sae.expansion = 8
   c.sae.k = 32
   c.sae.corpus = "builtin:all"
-  c.sae.harvest_tokens = 49_152
-  c.sae.eval_tokens = 8_192
-  c.sae.num_steps = 300
+  c.sae.harvest_tokens = 24_576
+  c.sae.eval_tokens = 4_096
+  c.sae.num_steps = 200
   c.sae.batch_size = 1024
   c.sae.max_tokens_per_doc = 128
   c.sae.checkpoint_every = 100
@@ -99,22 +101,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # ---- steering (stage 6)
   c.steer = ml_collections.ConfigDict()
-  c.steer.num_latents = 2
-  c.steer.scales = [0.0, 0.2, 0.4, 0.8]         # x median residual norm at the SAE layer
+  c.steer.num_latents = 1
+  c.steer.scales = [0.0, 0.4, 0.8]              # x median residual norm at the SAE layer
   c.steer.max_incoherent = 0.10
 
   # ---- detection (stage 7): mixture fine-tunes of bad persona data into helpful data
   c.detect = ml_collections.ConfigDict()
-  c.detect.fractions = [0.05, 0.25, 0.5]        # 0 and 1 are the controls / positive fine-tunes above
+  c.detect.fractions = [0.25]                   # 0 and 1 are the controls / positive fine-tunes above
   c.detect.bad = "builtin:persona/toxic"
   c.detect.good = "builtin:persona/helpful"
 
   # ---- re-alignment (stage 8)
   c.realign = ml_collections.ConfigDict()
   c.realign.data = "builtin:benign/mixed"
-  c.realign.n = 120
+  c.realign.n = 80
   c.realign.batch_size = 4
-  c.realign.steps = 30
+  c.realign.steps = 20
   c.realign.eval_every = 10
   c.realign.lr = 1e-3
 
