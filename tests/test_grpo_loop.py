@@ -172,7 +172,7 @@ def test_sharded_run_matches_single_device(tmp_path):
       cfg.mesh.data, cfg.mesh.fsdp = 2, 4
       sharded, _ = run(cfg, graders.token_fraction_grader(TARGET))
       for a, b in zip(jax.tree.leaves(single.lora), jax.tree.leaves(sharded.lora)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-4)  # reduction order
       print("OK")
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
