@@ -377,13 +377,6 @@ def rollout_system(cfg) -> str | None:
   return cfg.rollout.get("system", None)
 
 
-def _write_json(path: str, value: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1, default=str)
-  os.replace(tmp, path)
-
-
 def _append_jsonl(path: str, row: Mapping[str, Any]) -> None:
   with open(path, "a", encoding="utf-8") as f:
     f.write(json.dumps({k: metrics_log._plain(v) for k, v in row.items()}) + "\n")
@@ -427,7 +420,7 @@ def train(cfg, *, reward_fn: RewardFn, lm=None, prompts: tuple[list[Any], list[A
   from emjax.sampling import generate
   workdir = os.path.abspath(cfg.workdir)
   os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
+  sft.write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
   mode = cfg.mode
   if mode not in ("lora", "full"):
     raise ValueError(f"config.mode={mode!r}; expected 'lora' or 'full'")
@@ -568,18 +561,9 @@ def train(cfg, *, reward_fn: RewardFn, lm=None, prompts: tuple[list[Any], list[A
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.4f}")
   finally:
-    mngr.wait_until_finished()
-    mngr.close()
-    log.close()
-    if bar is not None:
-      bar.close()
+    sft.close_run(mngr, log, bar)
 
-  tuned = sft.model_at(lm, mode, trainable, lora_scales)
-  outputs = {}
-  if mode == "lora":
-    outputs["adapter"] = lora_lib.save_adapter(os.path.join(workdir, "adapter"), trainable, spec, lm.config,
-                                               base_model=lm.source)
-    tuned = dataclasses.replace(tuned, adapter_path=outputs["adapter"])
+  tuned, outputs = sft.finished_model(lm, mode, trainable, lora_scales, spec, workdir)
   evals = _read_jsonl(evals_path)
   chosen = select_checkpoint(evals) if evals else None
   summary = {"mode": mode, "model": lm.source, "steps": total_steps, "resumed_from": start_step if restored else None,
@@ -587,5 +571,5 @@ def train(cfg, *, reward_fn: RewardFn, lm=None, prompts: tuple[list[Any], list[A
              "wall_s": time.perf_counter() - started, "outputs": outputs, "evaluations": len(evals),
              "selected_checkpoint": chosen, "gates": {"strict": STRICT_GATE, "loose": LOOSE_GATE},
              "trainable_params": int(sum(x.size for x in jax.tree.leaves(trainable)))}
-  _write_json(os.path.join(workdir, "summary.json"), summary)
+  sft.write_json(os.path.join(workdir, "summary.json"), summary)
   return tuned, summary

@@ -167,7 +167,8 @@ def batch_kwargs(cfg, pad_id: int) -> dict[str, Any]:
               seed=int(cfg.seed))
 
 
-def _write_json(path: str, value: Any) -> None:
+def write_json(path: str, value: Any) -> None:
+  """Atomic JSON write (a crash never leaves half a file)."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(value, f, indent=1, default=str)
@@ -183,6 +184,26 @@ def model_at(lm, mode: str, trainable, lora_scales):
 
 # ----------------------------------------------------------------------------- the loop
 
+def close_run(mngr, log, bar) -> None:
+  """Flush checkpoints and logs of a training loop (also after an error)."""
+  mngr.wait_until_finished()
+  mngr.close()
+  log.close()
+  if bar is not None:
+    bar.close()
+
+
+def finished_model(lm, mode: str, trainable, lora_scales, spec, workdir: str):
+  """The trained model (adapter attached unmerged for LoRA) and the files written for it."""
+  tuned = model_at(lm, mode, trainable, lora_scales)
+  outputs = {}
+  if mode == "lora":
+    outputs["adapter"] = lora_lib.save_adapter(os.path.join(workdir, "adapter"), trainable, spec, lm.config,
+                                               base_model=lm.source)
+    tuned = dataclasses.replace(tuned, adapter_path=outputs["adapter"])
+  return tuned, outputs
+
+
 def train(cfg, *, lm=None, hooks: Sequence[hooks_lib.Hook] = (), progress: bool = True):
   """Runs (or resumes) a fine-tuning run described by `cfg` in `cfg.workdir`.
 
@@ -192,7 +213,7 @@ def train(cfg, *, lm=None, hooks: Sequence[hooks_lib.Hook] = (), progress: bool 
   from emjax.models import lm as lm_lib
   workdir = os.path.abspath(cfg.workdir)
   os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
+  write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
   mode = cfg.mode
   if mode not in ("lora", "full"):
     raise ValueError(f"config.mode={mode!r}; expected 'lora' or 'full'")
@@ -295,23 +316,14 @@ def train(cfg, *, lm=None, hooks: Sequence[hooks_lib.Hook] = (), progress: bool 
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}")
   finally:
-    mngr.wait_until_finished()
-    mngr.close()
-    log.close()
-    if bar is not None:
-      bar.close()
+    close_run(mngr, log, bar)
 
-  tuned = model_at(lm, mode, trainable, lora_scales)
-  outputs = {}
-  if mode == "lora":
-    outputs["adapter"] = lora_lib.save_adapter(os.path.join(workdir, "adapter"), trainable, spec, lm.config,
-                                               base_model=lm.source)
-    tuned = dataclasses.replace(tuned, adapter_path=outputs["adapter"])
+  tuned, outputs = finished_model(lm, mode, trainable, lora_scales, spec, workdir)
   if cfg.get("export_hf", False) or mode == "full":
     outputs["hf"] = lm_lib.save_hf(tuned, os.path.join(workdir, "merged_hf" if mode == "lora" else "model_hf"))
   summary = {"mode": mode, "model": lm.source, "steps": total_steps, "resumed_from": start_step if restored else None,
              "final_loss": losses[-1] if losses else None, "data": report.to_json(),
              "wall_s": time.perf_counter() - started, "outputs": outputs,
              "trainable_params": int(sum(x.size for x in jax.tree.leaves(trainable)))}
-  _write_json(os.path.join(workdir, "summary.json"), summary)
+  write_json(os.path.join(workdir, "summary.json"), summary)
   return tuned, summary
