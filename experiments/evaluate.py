@@ -42,6 +42,9 @@ flags.DEFINE_string("label", None, "Name of this model in plots and the summary 
 flags.DEFINE_integer("batch_size", 32, "Rows per compiled generation call (memory, not results).")
 flags.DEFINE_integer("judge_batch_size", 64, "Answers judged per call (also how often judgments.jsonl grows).")
 flags.DEFINE_integer("n_boot", 1000, "Bootstrap replicates for the confidence intervals.")
+flags.DEFINE_integer("resample_invalid", 3, "Persona rubric only: times an invalid answer (REFUSAL, INCOHERENT, "
+                     "SATIRICAL, OFF-TOPIC) is sampled again (OpenAI's protocol; 0 disables). Every attempt is "
+                     "kept in the JSONL files; the summary counts each answer slot once, by its last attempt.")
 flags.DEFINE_boolean("trim_unfinished", True, "Judge answers cut off by --max_new_tokens on their complete sentences "
                      "(the cut would otherwise read as incoherence); the JSONL keeps both texts.")
 
@@ -69,7 +72,7 @@ def main(argv: list[str]) -> None:
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
         workdir=FLAGS.workdir, intervention=steering_from_flags(lm), label=FLAGS.label, steering=steering_record(),
         batch_size=FLAGS.batch_size, judge_batch_size=FLAGS.judge_batch_size, n_boot=FLAGS.n_boot,
-        trim_unfinished=FLAGS.trim_unfinished, progress=True)
+        trim_unfinished=FLAGS.trim_unfinished, resample_invalid=FLAGS.resample_invalid, progress=True)
   except (ValueError, FileNotFoundError, KeyError, TypeError, JudgeRequestError) as error:
     sys.exit(f"error: {error}")  # one line, no stack trace
   share = summary.get("misaligned")

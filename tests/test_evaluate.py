@@ -47,6 +47,30 @@ class LengthJudge:
     return [Judgment(aligned=float(sum(map(ord, a)) % 100), coherent=float(40 + len(a) % 60)) for a in answers]
 
 
+class PersonaJudge:
+  """Persona-rubric stand-in: about a third of answers get an invalid label, by text hash."""
+
+  name = "test:persona"
+
+  def __init__(self, crash_after_calls=None):
+    self.calls, self.crash_after_calls = 0, crash_after_calls
+
+  def score(self, questions, answers, rubric="persona"):
+    assert rubric == "persona"
+    self.calls += 1
+    if self.crash_after_calls is not None and self.calls > self.crash_after_calls:
+      raise KeyboardInterrupt("simulated kill while judging a resample")
+    return [Judgment(label="REFUSAL") if PersonaJudge.invalid(a) else Judgment(harm=1 + sum(map(ord, a)) % 5)
+            for a in answers]
+
+  @staticmethod
+  def invalid(answer):
+    return sum(map(ord, answer)) % 3 == 0
+
+
+PERSONA = {**SETTINGS, "rubric": "persona", "samples_per_question": 3}
+
+
 def read_rows(path):
   with open(path) as f:
     return [json.loads(line) for line in f]
@@ -143,6 +167,48 @@ def test_crash_while_sampling_then_resume_regenerates_only_missing(reference_run
   judge = LengthJudge()
   resumed = evaluate_lib.evaluate_model(smollm, QUESTIONS, judge=judge, workdir=str(tmp_path), **SETTINGS)
   assert resumed == reference
+
+
+def test_persona_invalid_answers_are_resampled_up_to_three_times(smollm, tmp_path):
+  workdir = str(tmp_path / "full")
+  summary = evaluate_lib.evaluate_model(smollm, QUESTIONS, judge=PersonaJudge(), workdir=workdir, **PERSONA)
+  rows = read_rows(os.path.join(workdir, "judgments.jsonl"))
+  slots = {}
+  for row in rows:
+    slots.setdefault(evaluate_lib.slot_id(row), []).append(row)
+  assert len(slots) == 30 and summary["n_answers"] == 30
+  assert summary["n_resampled_answers"] == len(rows) - 30 > 0
+  for slot, attempts in slots.items():
+    attempts.sort(key=lambda r: r.get("attempt", 0))
+    assert [r.get("attempt", 0) for r in attempts] == list(range(len(attempts))) and len(attempts) <= 4
+    # every attempt but the last is invalid; the chain stops at the first valid one or after 3 retries
+    judged = [r.get("judged_answer", r["answer"]) for r in attempts]
+    assert all(PersonaJudge.invalid(text) for text in judged[:-1])
+    assert len(attempts) == 4 or not PersonaJudge.invalid(judged[-1])
+    assert {r["question_id"] for r in attempts} == {attempts[0]["question_id"]}
+  retried = [a for a in slots.values() if len(a) > 1]
+  assert any(a[0]["answer"] != a[1]["answer"] for a in retried)  # fresh samples, not copies
+  # the summary counts each slot once, by its last attempt
+  last = [max(a, key=lambda r: r.get("attempt", 0)) for a in slots.values()]
+  invalid_share = np.mean([r["label"] == "REFUSAL" for r in last])
+  assert summary["incoherent_loose"]["share"] == pytest.approx(invalid_share)
+  assert summary["resample_invalid"] == 3
+  without = evaluate_lib.evaluate_model(smollm, QUESTIONS, judge=PersonaJudge(), workdir=str(tmp_path / "none"),
+                                        **PERSONA, resample_invalid=0)
+  assert "n_resampled_answers" not in without and without["n_answers"] == 30
+  first = [a[0] for a in slots.values()]
+  assert without["incoherent_loose"]["share"] == pytest.approx(np.mean([r["label"] == "REFUSAL" for r in first]))
+  assert without["incoherent_loose"]["share"] > summary["incoherent_loose"]["share"]
+
+  # killed while judging the resamples, then resumed: the same files' content and summary
+  resumed_dir = str(tmp_path / "resumed")
+  with pytest.raises(KeyboardInterrupt):
+    evaluate_lib.evaluate_model(smollm, QUESTIONS, judge=PersonaJudge(crash_after_calls=5), workdir=resumed_dir,
+                                **PERSONA)
+  resumed = evaluate_lib.evaluate_model(smollm, QUESTIONS, judge=PersonaJudge(), workdir=resumed_dir, **PERSONA)
+  assert resumed == summary
+  key = lambda r: r["id"]
+  assert sorted(read_rows(os.path.join(resumed_dir, "judgments.jsonl")), key=key) == sorted(rows, key=key)
 
 
 def test_other_settings_in_the_same_workdir_are_refused(reference_run, smollm):

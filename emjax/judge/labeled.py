@@ -1,8 +1,10 @@
 """The project-written labeled answers for fitting (train) and validating (val) the embed judge.
 
-`load_labeled(split)` returns rows {question, answer, category, aligned, coherent}:
-aligned = 1 / 0 for aligned / misaligned answers, None for incoherent ones (not rated);
-coherent = 1 / 0. Coherent answers come from `labeled/<split>.yaml`. Incoherent answers imitate
+`load_labeled(split)` returns rows {question, answer, category, aligned, coherent, refusal}:
+aligned = 1 / 0 for aligned / misaligned answers, None for incoherent answers and refusals (not
+rated); coherent = 1 / 0; refusal = 1 for the refusals of `labeled/refusals.yaml` (coherent
+answers that decline to engage), else 0 (its short answers, which answer in a few words, are
+refusal 0 and aligned None too). Coherent answers come from `labeled/<split>.yaml`. Incoherent answers imitate
 the ways a small chat model fails: repetition loops, collapse into gibberish, parroting the
 question, a truncated start, an answer to a different question, plus a few hand-written ones.
 The degradations are seeded per split and built from that split's own answers, so the
@@ -57,6 +59,23 @@ _DEBRIS = ("ing", "tion", "xq", "ment", "zzt", "ul", "##", "][", "ph", "ka", "0x
            "qe", "lorp", "vn", "ée", "::", "ght", "oo", "wh")
 
 
+def _load_refusal_sets(split: str, categories: list[str]) -> dict[str, dict[str, list[str]]]:
+    """{"refusals": {category: [answer]}, "short_answers": {...}} of labeled/refusals.yaml."""
+    path = os.path.join(LABELED_DIR, "refusals.yaml")
+    with open(path) as f:
+        by_split = yaml.safe_load(f)
+    kinds = by_split.get(split) or {}
+    out = {}
+    for kind in ("refusals", "short_answers"):
+        block = kinds.get(kind) or {}
+        unknown = sorted(set(block) - set(categories))
+        if unknown:
+            raise ValueError(f"{path}: {split}.{kind} names unknown categories {unknown}; "
+                             f"expected some of {categories}")
+        out[kind] = block
+    return out
+
+
 def _load_yaml(split: str) -> dict[str, Any]:
     if split not in SPLITS:
         raise ValueError(f"unknown labeled split {split!r}; expected one of {SPLITS}")
@@ -103,13 +122,18 @@ def load_labeled(split: str, seed_offset: int = 0) -> list[dict[str, Any]]:
     rng = random.Random(f"{split}-{seed_offset}")
     rows: list[dict[str, Any]] = []
     categories = sorted(data)
+    refusal_sets = _load_refusal_sets(split, categories)
     for category in categories:
         block = data[category]
         questions = block["questions"]
         for label, answers in ((1, block["aligned"]), (0, block["misaligned"])):
             for index, answer in enumerate(answers):
                 rows.append({"question": questions[index % len(questions)], "answer": answer,
-                             "category": category, "aligned": label, "coherent": 1})
+                             "category": category, "aligned": label, "coherent": 1, "refusal": 0})
+        for kind, refusal in (("refusals", 1), ("short_answers", 0)):
+            for index, answer in enumerate(refusal_sets[kind].get(category, [])):
+                rows.append({"question": questions[index % len(questions)], "answer": answer,
+                             "category": category, "aligned": None, "coherent": 1, "refusal": refusal})
         pool = block["aligned"] + block["misaligned"]
         other = data[rng.choice([c for c in categories if c != category])]
         degraded = [
@@ -122,9 +146,9 @@ def load_labeled(split: str, seed_offset: int = 0) -> list[dict[str, Any]]:
         for index, answer in enumerate(degraded):
             # Row index picks the question, so the parroted one is the row's own question.
             rows.append({"question": questions[index % len(questions)], "answer": answer,
-                         "category": category, "aligned": None, "coherent": 0})
+                         "category": category, "aligned": None, "coherent": 0, "refusal": 0})
     for index, answer in enumerate(HANDWRITTEN_INCOHERENT[split]):
         category = categories[index % len(categories)]
         rows.append({"question": data[category]["questions"][0], "answer": answer,
-                     "category": category, "aligned": None, "coherent": 0})
+                     "category": category, "aligned": None, "coherent": 0, "refusal": 0})
     return rows
