@@ -107,23 +107,28 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "max_new_tokens", "greedy", "top_k", "filtered",
                                              "compute_dtype", "eos_ids", "pad_id", "stop_at_eos"))
-def _generate_program(graphdef, state, prompt_ids, prompt_mask, row_keys, temperature, top_p, intervention, lora,
-                      *, cfg, max_new_tokens: int, greedy: bool, top_k: int, filtered: bool, compute_dtype,
-                      eos_ids: tuple[int, ...], pad_id: int, stop_at_eos: bool):
-  """prompt_ids/mask [B, P] (left-padded) -> (tokens [B, N], logprobs [B, N], lengths [B], finished [B])."""
-  b, p = prompt_ids.shape
+def _generate_program(graphdef, state, prompt_ids, prompt_mask, row_prompt, row_keys, temperature, top_p,
+                      intervention, lora, *, cfg, max_new_tokens: int, greedy: bool, top_k: int, filtered: bool,
+                      compute_dtype, eos_ids: tuple[int, ...], pad_id: int, stop_at_eos: bool):
+  """Distinct prompts prompt_ids/mask [U, P] (left-padded), row_prompt [B] (each row's prompt)
+  -> (tokens [B, N], logprobs [B, N], lengths [B], finished [B]).
+
+  Each distinct prompt is prefilled once; its KV cache and last logits are then copied to the
+  rows that sample from it (num_samples > 1 shares the prompt's work).
+  """
+  u, p = prompt_ids.shape
+  b = row_prompt.shape[0]
   total = p + max_new_tokens
-  cache = transformer.init_cache(cfg, b, total, compute_dtype)
-  key_mask = jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((b, max_new_tokens), bool)], axis=1)
-  prompt_lengths = prompt_mask.astype(jnp.int32).sum(-1)                  # [B]
+  cache = transformer.init_cache(cfg, u, total, compute_dtype)
+  key_mask = jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((u, max_new_tokens), bool)], axis=1)
   positions = transformer.default_positions(prompt_mask)
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-  def run(ids, mask, pos, cache, key_mask, index, generated):
+  def run(ids, mask, pos, cache, key_mask, index, generated, last_only):
     out = transformer.forward(graphdef, state, ids, mask, positions=pos, cache=cache, cache_index=index,
                               key_mask=key_mask, intervention=intervention, generated=generated, lora=lora,
-                              compute_dtype=compute_dtype)
-    return out.logits[:, -1], out.cache                                   # [B, V]
+                              compute_dtype=compute_dtype, last_logits_only=last_only)
+    return out.logits[:, -1], out.cache                                   # [rows, V]
 
   def pick(logits, step):
     keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
@@ -133,7 +138,11 @@ def _generate_program(graphdef, state, prompt_ids, prompt_mask, row_keys, temper
     return tokens, logprob
 
   logits, cache = run(prompt_ids, prompt_mask, positions, cache, key_mask, jnp.int32(0),
-                      jnp.zeros((b, p), bool))
+                      jnp.zeros((u, p), bool), True)
+  # from here on one row per sample: copy each prompt's cache, mask and last logits to its rows
+  logits, key_mask = logits[row_prompt], key_mask[row_prompt]             # [B, V], [B, P + N]
+  cache = transformer.KVCache(cache.k[:, row_prompt], cache.v[:, row_prompt])
+  prompt_lengths = prompt_mask.astype(jnp.int32).sum(-1)[row_prompt]     # [B]
   first, first_lp = pick(logits, 0)
   tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   logprobs = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(first_lp)
@@ -150,7 +159,7 @@ def _generate_program(graphdef, state, prompt_ids, prompt_mask, row_keys, temper
     key_mask = key_mask.at[:, slot].set(True)
     prev = tokens[:, step - 1][:, None]                                   # [B, 1]
     pos = (prompt_lengths + step - 1)[:, None]
-    logits, cache = run(prev, jnp.ones((b, 1), bool), pos, cache, key_mask, slot, jnp.ones((b, 1), bool))
+    logits, cache = run(prev, jnp.ones((b, 1), bool), pos, cache, key_mask, slot, jnp.ones((b, 1), bool), False)
     new, lp = pick(logits, step)
     new = jnp.where(done, pad_id, new)
     tokens = tokens.at[:, step].set(new)
@@ -222,20 +231,24 @@ def generate(lm: LanguageModel, prompts: Sequence[Prompt], *, max_new_tokens: in
     chunk = order[chunk_start:chunk_start + batch_size]
     b = min(bucket(len(chunk), 1), bucket(batch_size, 1))
     p = bucket(max(len(rendered[rows[r][0]]) for r in chunk))
-    ids = np.full((b, p), pad_id, np.int32)
-    mask = np.zeros((b, p), bool)
+    distinct = list(dict.fromkeys(rows[r][0] for r in chunk))            # prompts of this chunk, once each
+    u = bucket(len(distinct), 1)
+    ids = np.full((u, p), pad_id, np.int32)
+    mask = np.zeros((u, p), bool)
+    ids[len(distinct):, -1] = pad_id  # filler prompts: one token so attention has a valid key
+    mask[len(distinct):, -1] = True
+    for j, i in enumerate(distinct):
+      ids[j, p - len(rendered[i]):] = rendered[i]
+      mask[j, p - len(rendered[i]):] = True
+    slot_of = {i: j for j, i in enumerate(distinct)}
+    row_prompt = np.full((b,), u - 1 if u > len(distinct) else 0, np.int32)  # filler rows read any prompt
     keys = []
     for j, r in enumerate(chunk):
-      prompt = rendered[rows[r][0]]
-      ids[j, p - len(prompt):] = prompt
-      mask[j, p - len(prompt):] = True
+      row_prompt[j] = slot_of[rows[r][0]]
       keys.append(jax.random.fold_in(jax.random.fold_in(base_key, rows[r][0]), rows[r][1]))
-    for j in range(len(chunk), b):  # filler rows: one token so attention has a valid key
-      ids[j, -1] = pad_id
-      mask[j, -1] = True
-      keys.append(base_key)
+    keys += [base_key] * (b - len(chunk))
     tokens, logprobs, lengths, done = _generate_program(
-        lm.graphdef, lm.state, jnp.asarray(ids), jnp.asarray(mask), jnp.stack(keys),
+        lm.graphdef, lm.state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(row_prompt), jnp.stack(keys),
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), iv, lm.lora,
         cfg=cfg, max_new_tokens=max_new_tokens, greedy=greedy, top_k=int(top_k), filtered=filtered,
         compute_dtype=lm.compute_dtype, eos_ids=eos_ids, pad_id=int(pad_id), stop_at_eos=stop_at_eos)

@@ -96,6 +96,9 @@ def test_same_seed_same_samples_regardless_of_batching(tiny):
   b = emjax.generate(tiny, prompts, max_new_tokens=12, seed=7, num_samples=3, batch_size=2, stop_at_eos=False)
   c = emjax.generate(tiny, prompts[1:2], max_new_tokens=12, seed=7, num_samples=3, stop_at_eos=False)
   assert a.token_ids == b.token_ids
+  # one row per call: no prompt's prefill is shared between its samples, same rows
+  f = emjax.generate(tiny, prompts, max_new_tokens=12, seed=7, num_samples=3, batch_size=1, stop_at_eos=False)
+  assert f.token_ids == a.token_ids
   # prompt 1 alone is prompt index 0 there, so its randomness differs; same prompt index -> same rows
   d = emjax.generate(tiny, prompts[:1], max_new_tokens=12, seed=7, num_samples=3, stop_at_eos=False)
   assert d.token_ids == a.token_ids[:3]
