@@ -127,11 +127,16 @@ def stage_steer(ctx: Context) -> dict:
   # positive steering of the original model
   for name, direction in directions.items():
     for scale in scales:
-      iv = steering.grid_intervention(lm.config, layer, steering.unit(direction) * norm, scale)
-      summary = em.evaluate(ctx, lm, os.path.join(out_dir, f"original_{name}_{scale:+.2f}"),
-                            label=f"original + {scale:+.2f} x {name}", intervention=iv,
-                            steering={"direction": name, "layer": layer, "scale": scale, "unit": "median_norm",
-                                      "median_norm": norm})
+      if scale == 0.0:
+        # c = 0 is bitwise the unsteered model (tests/test_intervene.py), evaluated with the same
+        # questions, samples and seed by the baseline stage: reuse it instead of sampling again
+        summary = ctx.results["baseline"]["summary"]
+      else:
+        iv = steering.grid_intervention(lm.config, layer, steering.unit(direction) * norm, scale)
+        summary = em.evaluate(ctx, lm, os.path.join(out_dir, f"original_{name}_{scale:+.2f}"),
+                              label=f"original + {scale:+.2f} x {name}", intervention=iv,
+                              steering={"direction": name, "layer": layer, "scale": scale, "unit": "median_norm",
+                                        "median_norm": norm})
       points.append({"model": "original", "direction": name, "mode": "steer", "scale": scale,
                      "misaligned": share(summary), "misaligned_ci": ci(summary),
                      "incoherent": share(summary, "incoherent_loose")})
@@ -354,8 +359,9 @@ def stages() -> list[Stage]:
   return [
       Stage("diff", stage_diff, reads=("diff",), after=("sae", "finetune", "eval_finetunes", "baseline"),
             estimate_s=lambda c: 30 + 5 * len(c.finetunes), describe="rank SAE latents by their change"),
-      Stage("steer", stage_steer, reads=("steer", "judge", "rubric", "eval"), after=("diff",),
-            estimate_s=lambda c: (len(c.steer.scales) * (int(c.steer.num_latents) + 2) + 6) * eval_cost(c),
+      Stage("steer", stage_steer, reads=("steer", "judge", "rubric", "eval"), after=("diff", "baseline"),
+            estimate_s=lambda c: (len([s for s in c.steer.scales if s]) * (int(c.steer.num_latents) + 2) + 6)
+            * eval_cost(c),
             describe="steer persona latents, mean-difference direction, random control"),
       Stage("detect_finetunes", stage_detect_finetunes, reads=("detect", "sft", "sft_template", "model", "seed"),
             estimate_s=lambda c: len(c.detect.fractions) * (20 + int(c.sft.n) * 0.35),
