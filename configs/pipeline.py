@@ -10,8 +10,8 @@ Variants (`--config=configs/pipeline.py:<arg>`):
              re-alignment; 14 questions x 2 samples per evaluation. Budget: <= 20 minutes on 2 CPU
              cores (BENCHMARKS.md has the measured time). Scale up with --config.eval.num_questions=0
              --config.eval.samples_per_question=8 --config.sft.n=600 --config.detect.fractions=...
-  quick      the same stages, shrunk to finish in <= 5 minutes on 2 CPU cores (CI runs it).
-  ci         the smallest run through every stage (the end-to-end test; ~2 min on 2 quiet cores)
+  quick      the same stages, shrunk to finish in <= 5 minutes on 2 CPU cores; the end-to-end
+             test in tests/test_pipeline_e2e.py runs it (a smoke run: its CIs span most of [0, 1]).
   gpu7b      the same code path at full scale: Qwen2.5-7B-Instruct from a HF directory on one GPU
              or a TPU slice, an HTTP judge (EMJAX_JUDGE_BASE_URL / EMJAX_JUDGE_API_KEY), all 44
              questions x 50 samples, paper-like LoRA (rs-LoRA r=32, alpha=64, lr 1e-5, 6k examples):
@@ -121,7 +121,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.realign.lr = 1e-3
 
   if arg == "quick":
-    c.eval.num_questions = 6
+    c.eval.num_questions = 4
     c.eval.samples_per_question = 2
     c.eval.max_new_tokens = 24
     c.finetunes = [
@@ -129,53 +129,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         _finetune("toxic_persona", "builtin:persona/toxic", "positive"),
         _finetune("helpful_persona", "builtin:persona/helpful", "positive_control", control_of="toxic_persona"),
     ]
-    c.sft.n = 32
+    c.sft.n = 24
     c.sft.max_len = 96
     c.sft.rank = 8
     c.sft.alpha = 16.0
-    c.sft.checkpoint_every = 2
+    c.sft.checkpoint_every = 1
     c.sae.expansion = 4
     c.sae.harvest_tokens = 8_192
     c.sae.eval_tokens = 2_048
-    c.sae.num_steps = 60
+    c.sae.num_steps = 50
     c.sae.batch_size = 512
     c.sae.max_tokens_per_doc = 96
-    c.sae.eval_downstream_batches = 2
+    c.sae.eval_downstream_batches = 1
     c.diff.top_n = 5
     c.steer.num_latents = 1
     c.steer.scales = [0.0, 0.5]
     c.detect.fractions = [0.5]
     c.realign.n = 16
     c.realign.steps = 4
-    c.realign.eval_every = 2
-  elif arg == "ci":
-    # the smallest run that still exercises every stage (the end-to-end test in tests/)
-    c.eval.num_questions = 4
-    c.eval.samples_per_question = 1
-    c.eval.max_new_tokens = 16
-    c.finetunes = [
-        _finetune("toxic_persona", "builtin:persona/toxic", "positive"),
-        _finetune("helpful_persona", "builtin:persona/helpful", "positive_control", control_of="toxic_persona"),
-    ]
-    c.sft.n = 16
-    c.sft.max_len = 64
-    c.sft.rank = 4
-    c.sft.alpha = 8.0
-    c.sft.checkpoint_every = 1
-    c.sae.expansion = 2
-    c.sae.harvest_tokens = 4_096
-    c.sae.eval_tokens = 1_024
-    c.sae.num_steps = 20
-    c.sae.batch_size = 256
-    c.sae.max_tokens_per_doc = 64
-    c.sae.eval_downstream_batches = 1
-    c.diff.top_n = 3
-    c.diff.max_tokens = 64
-    c.steer.num_latents = 1
-    c.steer.scales = [0.0, 0.5]
-    c.detect.fractions = [0.5]
-    c.realign.n = 8
-    c.realign.steps = 2
     c.realign.eval_every = 2
   elif arg == "gpu7b":
     c.model = "/models/Qwen2.5-7B-Instruct"

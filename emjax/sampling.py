@@ -127,7 +127,7 @@ def _generate_program(graphdef, state, prompt_ids, prompt_mask, row_prompt, row_
   def run(ids, mask, pos, cache, key_mask, index, generated, last_only):
     out = transformer.forward(graphdef, state, ids, mask, positions=pos, cache=cache, cache_index=index,
                               key_mask=key_mask, intervention=intervention, generated=generated, lora=lora,
-                              compute_dtype=compute_dtype, last_logits_only=last_only)
+                              compute_dtype=compute_dtype, logits_from=-1 if last_only else None)
     return out.logits[:, -1], out.cache                                   # [rows, V]
 
   def pick(logits, step):

@@ -28,6 +28,8 @@ _EXPORT_HF = flags.DEFINE_bool("export_hf", None, "Also write the merged model a
 
 def main(argv):
   del argv
+  from emjax.train.checkpoint import quiet_orbax_logs
+  quiet_orbax_logs()
   from emjax.train import sft
   cfg = _CONFIG.value
   if _WORKDIR.value:

@@ -27,6 +27,8 @@ _JUDGE = flags.DEFINE_string("judge", None, "Judge spec overriding the config's 
 
 def main(argv):
   del argv
+  from emjax.train.checkpoint import quiet_orbax_logs
+  quiet_orbax_logs()
   from emjax.pipeline import em
   from emjax.pipeline.runner import run_stages, write_json
   config = _CONFIG.value

@@ -80,6 +80,8 @@ def build_evaluate(cfg):
 
 def main(argv):
   del argv
+  from emjax.train.checkpoint import quiet_orbax_logs
+  quiet_orbax_logs()
   from emjax.train import grpo
   cfg = _CONFIG.value
   if _WORKDIR.value:

@@ -25,6 +25,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; rerunning res
 
 def main(argv):
     del argv
+    from emjax.train.checkpoint import quiet_orbax_logs
+    quiet_orbax_logs()
     import emjax
 
     cfg = _CONFIG.value

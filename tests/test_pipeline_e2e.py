@@ -1,4 +1,4 @@
-"""The main job end to end (configs/pipeline.py:ci, a shrunken quick run): the report and every
+"""The main job end to end (configs/pipeline.py:quick, the CI run): the report and every
 figure exist, numbers are well-formed, the HTML renders in headless Chromium with no missing
 image, and a run killed mid-stage then resumed gives the same report as an uninterrupted one."""
 
@@ -20,7 +20,7 @@ STAGES = ["baseline", "finetune", "eval_finetunes", "sae", "diff", "steer", "det
 
 
 def run_pipeline(workdir, *extra, timeout=1500):
-  cmd = [sys.executable, "-m", "experiments.pipeline", "--config=configs/pipeline.py:ci", f"--workdir={workdir}", *extra]
+  cmd = [sys.executable, "-m", "experiments.pipeline", "--config=configs/pipeline.py:quick", f"--workdir={workdir}", *extra]
   return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
 
@@ -93,7 +93,7 @@ def test_report_renders_in_headless_chromium_without_missing_images(finished_run
 def test_killed_mid_stage_then_resumed_gives_the_same_report(finished_run, tmp_path):
   reference, _ = finished_run
   workdir = tmp_path / "killed"
-  cmd = [sys.executable, "-m", "experiments.pipeline", "--config=configs/pipeline.py:ci", f"--workdir={workdir}"]
+  cmd = [sys.executable, "-m", "experiments.pipeline", "--config=configs/pipeline.py:quick", f"--workdir={workdir}"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True)

@@ -87,10 +87,11 @@ def latent_report(lm: Any, sae_config: sae_lib.SAEConfig, sae_params: sae_lib.SA
                   corpus: Sequence[Any] = (), top_n: int = 10, contexts: int = 5, lens_top: int = 10) -> dict[str, Any]:
   """The report for the top-`top_n` increased latents and top-`top_n` decreased ones."""
   sections = {}
+  # one pass over the corpus for the latents of both lists
+  wanted = list(dict.fromkeys(e["latent"] for kind in ("increased", "decreased") for e in ranking[kind][:top_n]))
+  ctx = top_contexts(lm, sae_config, sae_params, layer, corpus, wanted, top=contexts) if corpus and wanted else {}
   for kind in ("increased", "decreased"):
     entries = ranking[kind][:top_n]
-    latents = [e["latent"] for e in entries]
-    ctx = top_contexts(lm, sae_config, sae_params, layer, corpus, latents, top=contexts) if corpus and latents else {}
     items = []
     for e in entries:
       latent = e["latent"]

@@ -255,7 +255,7 @@ def apply_layers(model: Transformer, input_ids: Array | None, attention_mask: Ar
                  cache: KVCache | None = None, cache_index: Array | None = None,
                  key_mask: Array | None = None, lora: dict[str, tuple] | None = None,
                  compute_dtype=jnp.float32, return_hidden: bool = False,
-                 last_logits_only: bool = False) -> ForwardOutput:
+                 logits_from: int | None = None) -> ForwardOutput:
   """The full forward. See `forward` for the argument meanings."""
   cfg = model.config
   L = cfg.num_layers
@@ -330,8 +330,8 @@ def apply_layers(model: Transformer, input_ids: Array | None, attention_mask: Ar
 
   if exit_after is not None:
     return ForwardOutput(None, captured, new_cache)
-  if last_logits_only:
-    h = h[:, -1:]                                                         # [B, 1, D]
+  if logits_from is not None:
+    h = h[:, logits_from:]                                                # [B, T', D]
   hidden = rms_norm(h, model.final_norm[...], cfg.rms_norm_eps)
   head = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]
   logits = jnp.einsum("btd,dv->btv", hidden, head.astype(compute_dtype), preferred_element_type=jnp.float32)
@@ -355,9 +355,9 @@ def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array | None,
     cache, cache_index, key_mask: KV-cache decoding (see emjax.sampling).
     lora: {projection: (A [L, In, R], B [L, R, Out], scale [L])} low-rank updates.
     compute_dtype: float32 or bfloat16 activations/matmuls (weights are cast at use).
-    last_logits_only: static; logits (and the returned hidden) for the last position only,
-      [B, 1, V]: a prefill needs no more, and the unembedding of every position is ~20% of a
-      135M model's prompt FLOPs.
+    logits_from: static; logits (and the returned hidden) only for positions logits_from..T-1
+      (a Python slice start, -1 = the last): a prefill needs the last position, an RL loss the
+      completion; unembedding every position is ~20% of a 135M model's FLOPs.
   """
   model = nnx.merge(graphdef, state)
   return model(input_ids, attention_mask, **kwargs)

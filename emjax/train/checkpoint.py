@@ -15,6 +15,14 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def quiet_orbax_logs() -> None:
+  """Binaries call this in main: orbax logs every save and restore at INFO through absl, which
+  buries progress bars. Kept when the user asks for them with --verbosity."""
+  from absl import flags, logging
+  if not (flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present):
+    logging.set_verbosity(logging.WARNING)
+
+
 def manager(workdir: str, *, keep: int | None = None, async_save: bool = False) -> ocp.CheckpointManager:
   """keep=None or 0 keeps every checkpoint (EM's phase transition is read off every 5-step save)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, save_interval_steps=1, create=True,

@@ -151,10 +151,12 @@ def policy_logprobs(graphdef, state, ids: jax.Array, attention_mask: jax.Array, 
                     lora: dict | None, compute_dtype) -> tuple[jax.Array, jax.Array]:
   """Rows [M, T] = [prompt (left-padded) | completion (right-padded, length C)] ->
   (log p of each completion token [M, C], entropy [M, C]) under (state, lora)."""
-  out = transformer.forward(graphdef, state, ids, attention_mask, lora=lora, compute_dtype=compute_dtype)
   t = ids.shape[1]
   start = t - completion_len
-  logits = out.logits[:, start - 1:t - 1]                                 # position i predicts token i + 1
+  # logits of positions start-1 .. t-1 only: position i predicts token i + 1
+  out = transformer.forward(graphdef, state, ids, attention_mask, lora=lora, compute_dtype=compute_dtype,
+                            logits_from=start - 1)
+  logits = out.logits[:, :-1]                                             # [M, C, V]
   return completion_logprobs(logits, ids[:, start:])
 
 
