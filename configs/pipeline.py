@@ -67,7 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sft_template = _sibling_config("sft.py")   # fields below override it for every fine-tune
   c.sft = ml_collections.ConfigDict()
   c.sft.mode = "lora"
-  c.sft.n = 96                       # examples per fine-tune
+  c.sft.n = 88                       # examples per fine-tune (11 steps of 8)
   c.sft.epochs = 1
   c.sft.batch_size = 8
   c.sft.max_len = 128
@@ -97,7 +97,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.diff = ml_collections.ConfigDict()
   c.diff.top_n = 10
   c.diff.source = "eval_answers"     # "eval_answers" (paper) or "finetune_data" (unsupervised variant)
-  c.diff.max_tokens = 128
+  c.diff.max_tokens = 96             # chat-templated question + 48-token answer fits in ~90
 
   # ---- steering (stage 6)
   c.steer = ml_collections.ConfigDict()

@@ -100,7 +100,21 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_
   scaled = logits / temperature
   if filtered:
     scaled = filter_logits(scaled, top_p, top_k)
-  return jax.random.categorical(key, scaled).astype(jnp.int32)
+  return sample_categorical(scaled, key)
+
+
+def sample_categorical(logits: jax.Array, key: jax.Array) -> jax.Array:
+  """A token drawn from softmax(logits) by inverting its CDF with one uniform. logits [V] -> [].
+
+  Exact like Gumbel-max (`jax.random.categorical`) but draws 1 random number instead of V: on
+  2 CPU cores that took sampling a batch of 32 over SmolLM2's 49k vocabulary from 36 ms to 7 ms,
+  15% of a decode step. Tokens with zero probability (filtered to -inf) are never drawn.
+  """
+  cdf = jnp.cumsum(jax.nn.softmax(logits.astype(jnp.float32)))           # [V], non-decreasing
+  u = jax.random.uniform(key, dtype=jnp.float32) * cdf[-1]
+  index = jnp.searchsorted(cdf, u, side="right")                         # first token whose cdf > u
+  # u rounding up to the total would run off the end: fall back to the likeliest token
+  return jnp.where(index < logits.shape[-1], index, jnp.argmax(logits)).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- the program

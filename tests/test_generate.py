@@ -1,6 +1,7 @@
 """Sampling rules, determinism, and reuse of compiled programs (tiny random model, fast)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -148,3 +149,13 @@ def test_bad_arguments_are_reported(tiny):
     emjax.generate(tiny, [[1]], max_new_tokens=1, top_p=0)
   with pytest.raises(TypeError, match="list of prompts"):
     emjax.generate(tiny, "hello", max_new_tokens=1)
+
+
+def test_inverse_cdf_sampler_matches_softmax_and_skips_masked_tokens():
+  logits = jnp.asarray([2.0, -1.0, 0.5, float(jnp.finfo(jnp.float32).min), 1.0])
+  keys = jax.random.split(jax.random.key(0), 40_000)
+  draws = np.asarray(jax.jit(jax.vmap(sampling.sample_categorical, in_axes=(None, 0)))(logits, keys))
+  want = np.asarray(jax.nn.softmax(logits))
+  got = np.bincount(draws, minlength=5) / len(draws)
+  assert got[3] == 0.0
+  np.testing.assert_allclose(got, want, atol=0.01)  # 40k draws: std of each share < 0.0025
