@@ -249,8 +249,7 @@ def generate(lm: LanguageModel, prompts: Sequence[Prompt], *, max_new_tokens: in
     u = bucket(len(distinct), 1)
     ids = np.full((u, p), pad_id, np.int32)
     mask = np.zeros((u, p), bool)
-    ids[len(distinct):, -1] = pad_id  # filler prompts: one token so attention has a valid key
-    mask[len(distinct):, -1] = True
+    mask[len(distinct):, -1] = True  # filler prompts (all padding): one valid key for attention
     for j, i in enumerate(distinct):
       ids[j, p - len(rendered[i]):] = rendered[i]
       mask[j, p - len(rendered[i]):] = True
