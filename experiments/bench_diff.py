@@ -51,22 +51,26 @@ def _interleaved_best(fns, repeats: int) -> list[float]:
   return best
 
 
-def _torch_equivalent(lm, tuned, layer: int, sae_params, k: int, batches) -> tuple[float, Any]:
-  """transformers + torch SAE: returns (a callable running all batches, the stats it computes)."""
+def _torch_equivalent(lm, tuned, layer: int, sae_params, k: int, batches, device: str = "cpu"):
+  """transformers + torch SAE on `device`, in the model's dtype: a callable running all batches and
+  returning the per-model activation sums."""
+  import jax.numpy as jnp
   import torch
   import transformers
 
   import emjax
+  dtype_name = str(jnp.dtype(lm.compute_dtype))
+  torch_dtype = getattr(torch, dtype_name)
   models = []
   with tempfile.TemporaryDirectory() as directory:
     for m in (lm, tuned):
-      emjax.save_hf(m, directory)   # LoRA merged into the weights for the fine-tune
-      hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+      emjax.save_hf(m, directory, dtype=dtype_name)   # LoRA merged into the weights for the fine-tune
+      hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).eval().to(device)
       hf.model.layers = hf.model.layers[:layer + 1]   # the early exit a careful user would do
       models.append(hf)
-  w_enc = torch.from_numpy(np.asarray(sae_params.encoder_w).T.copy())   # [D, N]
-  b_enc = torch.from_numpy(np.array(sae_params.encoder_b))
-  b_dec = torch.from_numpy(np.array(sae_params.decoder_b))
+  w_enc = torch.from_numpy(np.asarray(sae_params.encoder_w).T.copy()).to(device)   # [D, N]
+  b_enc = torch.from_numpy(np.array(sae_params.encoder_b)).to(device)
+  b_dec = torch.from_numpy(np.array(sae_params.decoder_b)).to(device)
   n = w_enc.shape[1]
   grabbed = {}
   for hf in models:
@@ -74,38 +78,49 @@ def _torch_equivalent(lm, tuned, layer: int, sae_params, k: int, batches) -> tup
         lambda module, inputs, output: grabbed.__setitem__("h", output[0] if isinstance(output, tuple) else output))
 
   def run():
-    sums = [torch.zeros(n) for _ in models]
+    sums = [torch.zeros(n, device=device) for _ in models]
     with torch.inference_mode():
       for ids, mask, weights, _ in batches:
-        t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
-        t_w = torch.from_numpy(weights).reshape(-1, 1)
+        t_ids = torch.from_numpy(ids.astype(np.int64)).to(device)
+        t_mask = torch.from_numpy(mask.astype(np.int64)).to(device)
+        t_w = torch.from_numpy(weights).reshape(-1, 1).to(device)
         for i, hf in enumerate(models):
           hf.model(input_ids=t_ids, attention_mask=t_mask)
-          x = grabbed["h"].reshape(-1, w_enc.shape[0])
+          x = grabbed["h"].reshape(-1, w_enc.shape[0]).float()
           vals, idx = torch.topk((x - b_dec) @ w_enc + b_enc, k, dim=-1)
           sums[i].index_add_(0, idx.reshape(-1), (torch.relu(vals) * t_w).reshape(-1))
+    if device != "cpu":
+      torch.cuda.synchronize()
     return sums
   return run
 
 
 def run_diff_suite(args: Any) -> dict:
   """args: dict with model, repeats, quick, ceiling (the matmul GFLOP/s measured by benchmark.py)."""
+  import emjax
+  quick = bool(_arg(args, "quick", False))
+  batch, seq, n_batches = (4, 64, 2) if quick else (8, 128, 4)
+  ceiling = _arg(args, "ceiling", None)
+  return diff_benchmark(emjax.load_model(_arg(args, "model", "smollm2-135m-instruct")), batch=batch, seq=seq,
+                        n_batches=n_batches, n_latents=4608 if quick else 9216,
+                        repeats=int(_arg(args, "repeats", 3)),
+                        ceiling_gflops=ceiling.get("ceiling_gflops") if isinstance(ceiling, dict) else ceiling)
+
+
+def diff_benchmark(lm, *, batch: int, seq: int, n_batches: int, n_latents: int, repeats: int, k: int = 32,
+                   ceiling_gflops: float | None = None, torch_device: str | None = "cpu") -> dict:
+  """Fused vs separate (vs torch on `torch_device`; None skips it) latent diff of `lm` and a
+  random rank-32 LoRA fine-tune of it, through a random TopK SAE at the middle layer."""
   import jax
   import jax.numpy as jnp
 
-  import emjax
   from emjax.interp import diffing
   from emjax.models import lora as lora_lib
   from emjax.sae import sae as sae_lib
 
-  quick = bool(_arg(args, "quick", False))
-  repeats = int(_arg(args, "repeats", 3))
-  lm = emjax.load_model(_arg(args, "model", "smollm2-135m-instruct"))
   cfg = lm.config
   layer = cfg.num_layers // 2
-  batch, seq, n_batches = (4, 64, 2) if quick else (8, 128, 4)
-  n_latents = 4608 if quick else 9216
-  sae_config = sae_lib.SAEConfig(d_in=cfg.hidden_size, n_latents=n_latents, k=32)
+  sae_config = sae_lib.SAEConfig(d_in=cfg.hidden_size, n_latents=n_latents, k=k)
   sae_params = sae_lib.init_params(sae_config, jax.random.key(0))
   spec = lora_lib.LoraSpec(rank=32, alpha=64.0, targets="all")
   adapter = lora_lib.init_adapter(spec, cfg, jax.random.key(1))
@@ -132,7 +147,8 @@ def run_diff_suite(args: Any) -> dict:
     return totals
 
   result: dict[str, Any] = {"shape": {"batch": batch, "seq": seq, "batches": n_batches, "layer": layer,
-                                      "n_latents": n_latents, "k": 32, "lora_rank": 32, "models": 2}}
+                                      "n_latents": n_latents, "k": k, "lora_rank": 32, "models": 2,
+                                      "dtype": str(jnp.dtype(lm.compute_dtype))}}
   fused_s, separate_s = _interleaved_best([fused, separate], repeats)
   check_fused, check_separate = fused(), separate()
   result["max_abs_diff_fused_vs_separate"] = float(max(np.abs(check_fused.act_sum[i] - check_separate[i]).max()
@@ -145,18 +161,19 @@ def run_diff_suite(args: Any) -> dict:
   per_layer = sum(int(np.prod(s)) for s in __import__("emjax.models.transformer", fromlist=["x"])
                   .layer_weight_shapes(cfg).values())
   flops_per_token = 2 * (2 * per_layer * (layer + 1) + 2 * cfg.hidden_size * n_latents)
-  ceiling = _arg(args, "ceiling", None)
-  gflops = ceiling.get("ceiling_gflops") if isinstance(ceiling, dict) else ceiling
-  if gflops:
-    result["fused_fraction_of_ceiling"] = flops_per_token * result["fused_tokens_per_s"] / 1e9 / float(gflops)
+  if ceiling_gflops:
+    result["fused_fraction_of_ceiling"] = flops_per_token * result["fused_tokens_per_s"] / 1e9 / float(ceiling_gflops)
+  if torch_device is None:
+    return result
   try:
-    torch_run = _torch_equivalent(lm, tuned, layer, sae_params, 32, batches)
+    torch_run = _torch_equivalent(lm, tuned, layer, sae_params, k, batches, torch_device)
     torch_s = _best_of(torch_run, repeats)
     torch_sums = torch_run()
+    result["torch_device"] = torch_device
     result["torch_tokens_per_s"] = tokens / torch_s
     result["speedup_fused_vs_torch"] = torch_s / fused_s
     result["max_rel_diff_fused_vs_torch"] = float(max(
-        np.abs(check_fused.act_sum[i] - torch_sums[i].numpy()).max() / np.abs(check_fused.act_sum[i]).max()
+        np.abs(check_fused.act_sum[i] - torch_sums[i].cpu().numpy()).max() / np.abs(check_fused.act_sum[i]).max()
         for i in range(2)))
   except Exception as error:  # noqa: BLE001 -- the comparison is optional; say why it is missing
     result["torch"] = {"skipped": f"{type(error).__name__}: {error}"}

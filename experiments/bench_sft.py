@@ -61,7 +61,7 @@ def _emjax_steps(lm, mode: str, steps: int, batch: int, seq: int) -> dict[str, A
   from emjax.models import lora as lora_lib
   from emjax.train import batching, optim, sft
   rng = np.random.default_rng(0)
-  ids = rng.integers(3, 49152, size=(batch, seq + 1)).astype(np.int32)
+  ids = rng.integers(3, lm.config.vocab_size, size=(batch, seq + 1)).astype(np.int32)
   examples = [batching.Example(r[:-1], r[1:], np.ones(seq, np.float32)) for r in ids]
   host_batch = batching._rows_to_batch([[e] for e in examples], seq, 1, 0)
   optimizer = optim.adamw(optim.lr_schedule(1e-5, 1000), weight_decay=0.0, clip_norm=1.0)
@@ -71,9 +71,9 @@ def _emjax_steps(lm, mode: str, steps: int, batch: int, seq: int) -> dict[str, A
     trainable, frozen = lora_lib.init_adapter(spec, lm.config, jax.random.PRNGKey(0)), lm.state
   else:
     scales, frozen = None, None
-    trainable = jax.jit(lambda s: jax.tree.map(lambda x: x + 0, s))(lm.state)
+    trainable = jax.jit(lambda s: jax.tree.map(lambda x: x.astype(jnp.float32) + 0, s))(lm.state)  # fp32 masters
   opt_state = jax.jit(optimizer.init)(trainable)
-  step = sft.compile_step(sft.make_step_fn(lm.graphdef, optimizer, mode=mode, compute_dtype=jnp.float32),
+  step = sft.compile_step(sft.make_step_fn(lm.graphdef, optimizer, mode=mode, compute_dtype=lm.compute_dtype),
                           trainable, opt_state)
   device_batch = sft.batch_to_device(host_batch)
   times, losses = [], []
