@@ -153,6 +153,8 @@ def diff_benchmark(lm, *, batch: int, seq: int, n_batches: int, n_latents: int, 
   check_fused, check_separate = fused(), separate()
   result["max_abs_diff_fused_vs_separate"] = float(max(np.abs(check_fused.act_sum[i] - check_separate[i]).max()
                                                        for i in range(2)))
+  result["max_rel_diff_fused_vs_separate"] = float(max(  # rounding-level in bf16, 0.0 in float32 on CPU
+      np.abs(check_fused.act_sum[i] - check_separate[i]).max() / np.abs(check_separate[i]).max() for i in range(2)))
   result["fused_tokens_per_s"] = tokens / fused_s
   result["separate_tokens_per_s"] = tokens / separate_s
   result["speedup_fused_vs_separate"] = separate_s / fused_s
