@@ -7,7 +7,10 @@ Times, for the embedded SmolLM2-135M in float32 at one batch size:
   2. the same without the unembedding;
   3. one cached decode step (own jit, cache donated) at two cache lengths: what reading the
      KV cache adds;
-  4. emjax.generate for 128 vs 8 new tokens: the per-step cost inside the real sampler.
+  4. emjax.generate for 128 vs 8 new tokens: the per-step cost inside the real sampler;
+  5. the machine's streaming bandwidth (an XLA sum over 1 GiB) and what reading the weights once
+     at that rate would take: small-batch matmuls stream the weights several times slower
+     than that here, which is why (1) is the practical floor of a step.
 Prints one line per measurement; compare (3) and (4) with (1) to see what is left to gain.
 """
 
@@ -76,6 +79,12 @@ def main() -> None:
   per_step = (seconds[128] - seconds[8]) / 120 * 1e3
   print(f"batch {b}: generate 128 new tokens {seconds[128]:.2f} s ({b * 128 / seconds[128]:.0f} tokens/s), "
         f"~{per_step:.1f} ms per decode step")
+
+  weight_bytes = sum(a.nbytes for a in jax.tree.leaves(lm.state))
+  big = jnp.ones((256, 1024, 1024), jnp.float32)                          # 1 GiB
+  sum_ms = timed_ms(jax.jit(jnp.sum), big, repeats=5)
+  print(f"streaming bandwidth: {big.nbytes / sum_ms / 1e6:.1f} GB/s "
+        f"(the weights alone: {weight_bytes / (big.nbytes / sum_ms):.1f} ms per step)")
 
 
 if __name__ == "__main__":
