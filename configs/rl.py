@@ -65,6 +65,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.grpo.aggregation = "token_mean"   # token_mean | sequence_mean | constant (Dr. GRPO)
   c.grpo.adv_eps = 1e-4
   c.grpo.updates_per_batch = 1        # > 1: PPO-style reuse with clipping against the rollout policy
+  c.grpo.share_prompts = True         # each group's prompt runs once in the update (same numbers, less work)
 
   c.lora = ml_collections.ConfigDict({"rank": 32, "alpha": 64.0, "rslora": True,
                                       "targets": "q,k,v,o,gate,up,down", "layers": "all", "dropout": 0.0})

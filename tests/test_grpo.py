@@ -112,9 +112,11 @@ def test_ratio_is_one_and_nothing_clips_with_one_update():
 
 # ----------------------------------------------------------------------------- the step on a tiny model
 
-def _rollout_batch(accum=1, n=8, completion_len=6, seed=0):
+def _rollout_batch(accum=1, n=8, completion_len=6, seed=0, group=4):
+  """Rows in GRPO's layout: n / group prompts of different lengths, each repeated for its group."""
   rng = np.random.default_rng(seed)
-  prompts = [list(rng.integers(1, 32, size=rng.integers(2, 6))) for _ in range(n)]
+  distinct = [list(rng.integers(1, 32, size=rng.integers(2, 6))) for _ in range(n // group)]
+  prompts = [prompt for prompt in distinct for _ in range(group)]
   completions = [list(rng.integers(1, 32, size=rng.integers(1, completion_len + 1))) for _ in range(n)]
   rewards = rng.random(n).astype(np.float32)
   return grpo.build_batch(prompts, completions, rewards, completion_len=completion_len, pad_id=0, accum=accum,
@@ -187,6 +189,35 @@ def test_micro_batches_give_the_same_update():
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
   np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5, atol=1e-7)
+
+
+def test_shared_prompts_give_the_same_logprobs_and_update():
+  lm = lm_lib.random_model(TINY, seed=2)
+  batch = _rollout_batch(n=8, group=4, seed=3)
+  ids, mask = jnp.asarray(batch["ids"][0]), jnp.asarray(batch["attention_mask"][0])
+  assert not np.array_equal(batch["ids"][0][0, :8], batch["ids"][0][4, :8])   # two different prompts
+  spec = lora_lib.LoraSpec(rank=4, alpha=8.0, targets="all")
+  adapter = lora_lib.init_adapter(spec, TINY, jax.random.PRNGKey(0))
+  adapter = {p: {"a": ab["a"], "b": 0.3 * jax.random.normal(jax.random.PRNGKey(4), ab["b"].shape)}
+             for p, ab in adapter.items()}
+  lora = lora_lib.forward_lora(adapter, lora_lib.layer_scales(spec, TINY))
+  each, ent_each = grpo.policy_logprobs(lm.graphdef, lm.state, ids, mask, 6, lora=lora, compute_dtype=jnp.float32)
+  shared, ent_shared = grpo.policy_logprobs(lm.graphdef, lm.state, ids, mask, 6, lora=lora,
+                                            compute_dtype=jnp.float32, group_size=4)
+  cmask = batch["completion_mask"][0]
+  np.testing.assert_allclose(np.asarray(shared)[cmask], np.asarray(each)[cmask], atol=2e-6)
+  np.testing.assert_allclose(np.asarray(ent_shared)[cmask], np.asarray(ent_each)[cmask], atol=2e-6)
+  # the whole step (policy and reference, forward and backward) with and without sharing
+  on = grpo.GrpoSettings(beta=0.1, group_size=4, share_prompts=True)
+  off = grpo.GrpoSettings(beta=0.1, group_size=4, share_prompts=False)
+  (a1, _, m1), _ = _step("lora", on, lm, adapter=adapter, batch=batch)
+  (a2, _, m2), _ = _step("lora", off, lm, adapter=adapter, batch=batch)
+  for x, y in zip(jax.tree.leaves(a1), jax.tree.leaves(a2)):   # Adam's steps are ~1e-2 (lr): far above this
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-4)
+  for key in ("loss", "kl", "grad_norm", "entropy"):
+    np.testing.assert_allclose(float(m1[key]), float(m2[key]), rtol=1e-5, atol=1e-7)
+  # sharing applies only when micro-batches hold whole groups
+  assert grpo.prompt_sharing(on, 8) == 4 and grpo.prompt_sharing(on, 6) == 1 and grpo.prompt_sharing(off, 8) == 1
 
 
 def test_build_batch_layout():

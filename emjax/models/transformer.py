@@ -82,7 +82,7 @@ class Transformer(nnx.Module):
 class ForwardOutput(NamedTuple):
   logits: Array | None          # [B, T, V] float32, None when exit_after is set
   captured: dict[int, Array]    # layer -> [B, T, D] residual after that block
-  cache: "KVCache | None"       # updated cache when one was given
+  cache: "KVCache | None"       # updated cache when one was given; this call's keys/values with return_kv
   hidden: Array | None = None   # [B, T, D] final normed hidden state (before the unembedding)
 
 
@@ -180,8 +180,14 @@ def _project(x: Array, w: Array, lora: tuple[Array, Array, Array] | None, comput
 
 def block(cfg: ModelConfig, h: Array, w: dict[str, Array], lora: dict[str, tuple] | None, *,
           positions: Array, mask: Array, inv_freq: Array, compute_dtype,
-          cache_kv: tuple[Array, Array] | None = None, cache_index: Array | None = None):
-  """One decoder block. h [B, T, D] -> ([B, T, D], updated (k, v) cache slices or None)."""
+          cache_kv: tuple[Array, Array] | None = None, cache_index: Array | None = None,
+          prefix_kv: tuple[Array, Array] | None = None, return_kv: bool = False):
+  """One decoder block. h [B, T, D] -> ([B, T, D], (k, v) or None).
+
+  The second output is the updated cache buffers when `cache_kv` is given, else this block's own
+  keys/values [B, K, T, Dh] when `return_kv`. `prefix_kv` ([B, K, P, Dh] each) are keys/values
+  of earlier tokens computed elsewhere (a shared prompt): they come before this call's own
+  (`mask` then covers P + T keys)."""
   lora = lora or {}
   b, t, _ = h.shape
   x = rms_norm(h, w["input_norm"], cfg.rms_norm_eps)
@@ -206,6 +212,11 @@ def block(cfg: ModelConfig, h: Array, w: dict[str, Array], lora: dict[str, tuple
     new_cache = (ck, cv)
     k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(compute_dtype)
     v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(compute_dtype)
+  elif return_kv:
+    new_cache = (k, v)
+  if prefix_kv is not None:
+    k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=2)           # [B, K, P + T, Dh]
+    v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=2)
   attn = attention(q, k, v, mask).reshape(b, t, cfg.num_heads * cfg.head_dim)
   h = h + _project(attn, w["o_proj"], lora.get("o_proj"), compute_dtype).astype(h.dtype)
   x = rms_norm(h, w["post_attention_norm"], cfg.rms_norm_eps)
@@ -255,7 +266,8 @@ def apply_layers(model: Transformer, input_ids: Array | None, attention_mask: Ar
                  cache: KVCache | None = None, cache_index: Array | None = None,
                  key_mask: Array | None = None, lora: dict[str, tuple] | None = None,
                  compute_dtype=jnp.float32, return_hidden: bool = False,
-                 logits_from: int | None = None) -> ForwardOutput:
+                 logits_from: int | None = None, return_kv: bool = False,
+                 prefix: KVCache | None = None, prefix_mask: Array | None = None) -> ForwardOutput:
   """The full forward. See `forward` for the argument meanings."""
   cfg = model.config
   L = cfg.num_layers
@@ -264,6 +276,8 @@ def apply_layers(model: Transformer, input_ids: Array | None, attention_mask: Ar
     if not 0 <= c < L:
       raise ValueError(f"capture layer {c} does not exist (model has {L} layers)")
   stop = L - 1 if exit_after is None else exit_after % L
+  if prefix is not None and (prefix_mask is None or positions is None):
+    raise ValueError("a prefix needs prefix_mask [B, P] and explicit positions for the new tokens")
 
   if residual_in is not None:
     h = residual_in.astype(compute_dtype)
@@ -288,6 +302,9 @@ def apply_layers(model: Transformer, input_ids: Array | None, attention_mask: Ar
   else:
     slots = jnp.arange(t)
     mask = attention_mask_for(attention_mask, segment_ids, slots, slots)
+  if prefix is not None:
+    p = prefix.k.shape[3]
+    mask = jnp.concatenate([jnp.broadcast_to(prefix_mask.astype(bool)[:, None, :], (b, t, p)), mask], axis=-1)
 
   inv_freq = jnp.asarray(rope_inv_freq(cfg))
   weights = {name: getattr(model.layers, name)[...] for name in layer_weight_shapes(cfg)}
@@ -304,29 +321,38 @@ def apply_layers(model: Transformer, input_ids: Array | None, attention_mask: Ar
     if intervention is not None:
       xs["iv"] = (intervention.steer_vec[lo:hi + 1], intervention.steer_scale[lo:hi + 1],
                   intervention.ablate_dirs[lo:hi + 1])
+    if prefix is not None:
+      xs["prefix"] = (prefix.k[lo:hi + 1], prefix.v[lo:hi + 1])
 
     def body(carry, x):
       h, cache_kv = carry
       layer_cache = None if cache_kv is None else (*cache_kv, x["layer"])
-      h, cache_kv = block(cfg, h, x["w"], x.get("lora"), positions=positions, mask=mask, inv_freq=inv_freq,
-                          compute_dtype=compute_dtype, cache_kv=layer_cache, cache_index=cache_index)
+      h, kv = block(cfg, h, x["w"], x.get("lora"), positions=positions, mask=mask, inv_freq=inv_freq,
+                    compute_dtype=compute_dtype, cache_kv=layer_cache, cache_index=cache_index,
+                    prefix_kv=x.get("prefix"), return_kv=return_kv)
       if "iv" in x:
         vec, scale, dirs = x["iv"]
         h = intervene.apply(h, vec, scale, dirs, pos_weight)
-      return (h, cache_kv), None
+      if return_kv:
+        return (h, None), kv                                              # stacked by the scan: [L, ...]
+      return (h, kv), None
 
-    (h, cache_kv), _ = jax.lax.scan(body, (h, cache_kv), xs)
-    return h, cache_kv
+    (h, cache_kv), emitted = jax.lax.scan(body, (h, cache_kv), xs)
+    return h, (emitted if return_kv else cache_kv)
 
-  if cache is not None and (start_layer != 0 or stop != L - 1 or capture):
-    raise ValueError("a KV cache is only supported for a full forward without capture/early exit")
+  special = [name for name, used in (("cache", cache is not None), ("return_kv", return_kv),
+                                     ("prefix", prefix is not None)) if used]
+  if special and (start_layer != 0 or stop != L - 1 or capture):
+    raise ValueError(f"{special[0]} is only supported for a full forward without capture/early exit")
+  if len(special) > 1:
+    raise ValueError(f"{' and '.join(special)} cannot be combined in one forward")
   captured: dict[int, Array] = {}
   cache_kv = None if cache is None else (cache.k, cache.v)
   for lo, hi in _segments(start_layer, stop, capture):
     h, cache_kv = run(h, lo, hi, cache_kv)
     if hi in capture:
       captured[hi] = h
-  new_cache = None if cache is None else KVCache(*cache_kv)
+  new_cache = None if cache_kv is None else KVCache(*cache_kv)
 
   if exit_after is not None:
     return ForwardOutput(None, captured, new_cache)
@@ -353,6 +379,10 @@ def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array | None,
     exit_after: static layer after which to stop (no logits; for SAE harvesting).
     residual_in, start_layer: resume from a given residual [B, T, D] at block `start_layer`.
     cache, cache_index, key_mask: KV-cache decoding (see emjax.sampling).
+    return_kv: static; also return this call's keys/values as `cache` (KVCache of [L, B, K, T, Dh]).
+    prefix, prefix_mask: keys/values of P earlier tokens (a KVCache of [L, B, K, P, Dh], e.g. a
+      shared prompt's from `return_kv`) and their validity [B, P]; this call's tokens attend to
+      them first. Needs explicit `positions`. Differentiable: GRPO runs each prompt once per group.
     lora: {projection: (A [L, In, R], B [L, R, Out], scale [L])} low-rank updates.
     compute_dtype: float32 or bfloat16 activations/matmuls (weights are cast at use).
     logits_from: static; logits (and the returned hidden) only for positions logits_from..T-1

@@ -73,6 +73,7 @@ class GrpoSettings:
   aggregation: str = "token_mean"
   adv_eps: float = 1e-4
   group_size: int = 4
+  share_prompts: bool = True     # run each group's prompt once in the update (same result, less work)
 
   def __post_init__(self):
     if self.estimator not in ESTIMATORS:
@@ -148,16 +149,40 @@ def completion_logprobs(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array
 
 
 def policy_logprobs(graphdef, state, ids: jax.Array, attention_mask: jax.Array, completion_len: int, *,
-                    lora: dict | None, compute_dtype) -> tuple[jax.Array, jax.Array]:
+                    lora: dict | None, compute_dtype, group_size: int = 1) -> tuple[jax.Array, jax.Array]:
   """Rows [M, T] = [prompt (left-padded) | completion (right-padded, length C)] ->
-  (log p of each completion token [M, C], entropy [M, C]) under (state, lora)."""
+  (log p of each completion token [M, C], entropy [M, C]) under (state, lora).
+
+  group_size > 1 says rows come in runs of that many with the same prompt (GRPO's layout): each
+  prompt is then run once and its keys/values are shared by its group's completions — the same
+  numbers (to float rounding) for (G - 1) / G less prompt work, forward and backward.
+  """
   t = ids.shape[1]
   start = t - completion_len
+  if group_size > 1:
+    return _shared_prompt_logprobs(graphdef, state, ids, attention_mask, completion_len, lora=lora,
+                                   compute_dtype=compute_dtype, group_size=group_size)
   # logits of positions start-1 .. t-1 only: position i predicts token i + 1
   out = transformer.forward(graphdef, state, ids, attention_mask, lora=lora, compute_dtype=compute_dtype,
                             logits_from=start - 1)
   logits = out.logits[:, :-1]                                             # [M, C, V]
   return completion_logprobs(logits, ids[:, start:])
+
+
+def _shared_prompt_logprobs(graphdef, state, ids: jax.Array, attention_mask: jax.Array, completion_len: int, *,
+                            lora: dict | None, compute_dtype, group_size: int) -> tuple[jax.Array, jax.Array]:
+  """`policy_logprobs` with each group's prompt run once (rows g*G .. g*G+G-1 share a prompt)."""
+  start = ids.shape[1] - completion_len
+  prompt_mask = attention_mask[:, :start]                                 # [M, P]
+  head = transformer.forward(graphdef, state, ids[::group_size, :start], prompt_mask[::group_size], lora=lora,
+                             compute_dtype=compute_dtype, logits_from=-1, return_kv=True)   # U = M / G prompts
+  prefix = transformer.KVCache(*(jnp.repeat(a, group_size, axis=1) for a in head.cache))   # [L, M, K, P, Dh]
+  positions = prompt_mask.sum(-1, keepdims=True) + jnp.arange(completion_len)[None]        # [M, C]
+  tail = transformer.forward(graphdef, state, ids[:, start:], attention_mask[:, start:], positions=positions,
+                             lora=lora, compute_dtype=compute_dtype, prefix=prefix, prefix_mask=prompt_mask)
+  # completion token 0 is predicted by the prompt's last position, token j by completion position j-1
+  logits = jnp.concatenate([jnp.repeat(head.logits, group_size, axis=0), tail.logits[:, :-1]], axis=1)
+  return completion_logprobs(logits, ids[:, start:])                     # [M, C, V] logits
 
 
 # ----------------------------------------------------------------------------- the step
@@ -180,15 +205,16 @@ def make_step_fn(graphdef, optimizer: optax.GradientTransformation, settings: Gr
     weights = aggregation_weights(mask.reshape(a * m, -1), settings.aggregation).reshape(mask.shape)
     token_share = mask / jnp.maximum(mask.sum(), 1.0)                     # for token-mean metrics
     ref_state = frozen if mode == "lora" else reference
+    rows_per_prompt = prompt_sharing(settings, m)
 
     def micro_loss(params, micro):
       state, lora = sft.model_inputs(mode, params, frozen, lora_scales, 0.0, None)
       logp, entropy = policy_logprobs(graphdef, state, micro["ids"], micro["attention_mask"], completion_len,
-                                      lora=lora, compute_dtype=compute_dtype)
+                                      lora=lora, compute_dtype=compute_dtype, group_size=rows_per_prompt)
       ref_logp = None
       if settings.beta > 0:
         ref_logp, _ = policy_logprobs(graphdef, ref_state, micro["ids"], micro["attention_mask"], completion_len,
-                                      lora=None, compute_dtype=compute_dtype)
+                                      lora=None, compute_dtype=compute_dtype, group_size=rows_per_prompt)
         ref_logp = jax.lax.stop_gradient(ref_logp)
       old = micro["old_logp"] if "old_logp" in micro else jax.lax.stop_gradient(logp)
       terms = token_loss_terms(logp, old, ref_logp, micro["advantages"], settings)
@@ -223,15 +249,23 @@ def make_step_fn(graphdef, optimizer: optax.GradientTransformation, settings: Gr
   return step_fn
 
 
-def make_logprob_fn(graphdef, *, mode: str, completion_len: int, compute_dtype) -> Callable:
+def prompt_sharing(settings: GrpoSettings, rows_per_micro_batch: int) -> int:
+  """Rows per shared prompt in the update: the group size when sharing is on and micro-batches
+  hold whole groups (rows are in group order), else 1 (every row runs its own prompt)."""
+  g = settings.group_size
+  return g if settings.share_prompts and rows_per_micro_batch % g == 0 else 1
+
+
+def make_logprob_fn(graphdef, *, mode: str, completion_len: int, compute_dtype, group_size: int = 1) -> Callable:
   """Jitted (trainable, frozen, lora_scales, ids [A,M,T], mask [A,M,T]) -> logp [A,M,C] of the current
-  policy: the logp_old of PPO-style reuse when a batch gets several updates."""
+  policy: the logp_old of PPO-style reuse when a batch gets several updates. group_size as in
+  `policy_logprobs` (see `prompt_sharing`)."""
 
   @jax.jit
   def logprob_fn(trainable, frozen, lora_scales, ids, attention_mask):
     state, lora = sft.model_inputs(mode, trainable, frozen, lora_scales, 0.0, None)
     fn = lambda i, mk: policy_logprobs(graphdef, state, i, mk, completion_len, lora=lora,  # noqa: E731
-                                       compute_dtype=compute_dtype)[0]
+                                       compute_dtype=compute_dtype, group_size=group_size)[0]
     return jax.lax.map(lambda xs: fn(*xs), (ids, attention_mask))
 
   return logprob_fn
@@ -372,7 +406,8 @@ def judge_evaluator(judge, questions: Sequence[str], *, samples_per_question: in
 def settings_from_config(cfg) -> GrpoSettings:
   g = cfg.grpo
   return GrpoSettings(estimator=g.estimator, eps_low=float(g.eps_low), eps_high=float(g.eps_high), beta=float(g.beta),
-                      aggregation=g.aggregation, adv_eps=float(g.get("adv_eps", 1e-4)), group_size=int(cfg.group_size))
+                      aggregation=g.aggregation, adv_eps=float(g.get("adv_eps", 1e-4)), group_size=int(cfg.group_size),
+                      share_prompts=bool(g.get("share_prompts", True)))
 
 
 def rollout_system(cfg) -> str | None:
@@ -485,7 +520,8 @@ def train(cfg, *, reward_fn: RewardFn, lm=None, prompts: tuple[list[Any], list[A
 
   step_fn = sft.compile_step(make_step_fn(lm.graphdef, optimizer, settings, mode=mode, completion_len=max_new,
                                           compute_dtype=compute_dtype), trainable, opt_state, mesh)
-  logprob_fn = (make_logprob_fn(lm.graphdef, mode=mode, completion_len=max_new, compute_dtype=compute_dtype)
+  logprob_fn = (make_logprob_fn(lm.graphdef, mode=mode, completion_len=max_new, compute_dtype=compute_dtype,
+                                group_size=prompt_sharing(settings, per_step * group // accum))
                 if updates_per_batch > 1 else None)
   # One prompt length for the whole run (the longest prompt, bucketed): the update compiles once.
   from emjax.sampling import bucket, render_prompt
