@@ -226,6 +226,10 @@ def test_build_batch_layout():
   np.testing.assert_array_equal(batch["attention_mask"][0].astype(int), [[0, 0, 1, 1, 1, 1, 1, 0],
                                                                          [0, 0, 0, 1, 0, 0, 0, 0]])
   np.testing.assert_array_equal(batch["completion_mask"][0].astype(int), [[1, 1, 1, 0], [0, 0, 0, 0]])
+  exact = grpo.build_batch([[5, 6], [7]], [[1], [2]], [1.0, 0.0], completion_len=1, pad_id=0, prompt_len=3)
+  np.testing.assert_array_equal(exact["ids"][0], [[0, 5, 6, 1], [0, 0, 7, 2]])   # width 3, not a power of two
+  with pytest.raises(ValueError, match="shorter than the longest prompt"):
+    grpo.build_batch([[5, 6]], [[1]], [1.0], completion_len=1, pad_id=0, prompt_len=1)
   with pytest.raises(ValueError, match="grad_accum=3"):
     grpo.build_batch([[1]] * 4, [[1]] * 4, [0.0] * 4, completion_len=2, pad_id=0, accum=3)
 
