@@ -26,9 +26,11 @@ import statistics
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any
 
 from absl import app, flags
+
+from experiments.bench_common import timed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("shape", "llama-1b", "Model shape: one of SHAPES (random weights).")
@@ -61,16 +63,6 @@ def model_config(shape: str, tokenizer=None):
                      eos_token_ids=eos, pad_token_id=getattr(tokenizer, "pad_id", 0), name=f"random-{shape}")
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def section_ceiling(ctx: dict) -> dict:
   import jax
   import jax.numpy as jnp
@@ -79,7 +71,7 @@ def section_ceiling(ctx: dict) -> dict:
   out = {"matmul": matmul_ceiling_gflops(n, ctx["repeats"], dtype=ctx["dtype"], torch_device=ctx["torch_device"])}
   x = jax.random.normal(jax.random.key(0), (64 if ctx["quick"] else 1024, 1024, 512), jnp.float32)   # 2 GiB
   copy = jax.jit(lambda a: a * 1.0001)
-  secs = median_seconds(lambda: copy(x).block_until_ready(), ctx["repeats"])
+  secs = timed(lambda: copy(x).block_until_ready(), ctx["repeats"])
   out["copy_gb_per_s"] = 2 * x.nbytes / secs / 1e9   # bytes read + bytes written
   ctx["ceiling"] = out["matmul"]
   ctx["bandwidth_gbs"] = out["copy_gb_per_s"]
@@ -174,7 +166,7 @@ def _torch_sft_tokens_per_s(hf, mode: str, batch: int, seq: int, steps: int, voc
     opt.step()
     opt.zero_grad(set_to_none=True)
     return torch_sync(loss)
-  secs = median_seconds(step, steps)
+  secs = timed(step, steps)
   if mode == "lora":
     model.unload()
   model.eval()

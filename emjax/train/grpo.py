@@ -563,6 +563,8 @@ def train(cfg, *, reward_fn: RewardFn, lm=None, prompts: tuple[list[Any], list[A
       t_grade = time.perf_counter() - t0 - t_rollout
       failures = int(np.sum(~np.isfinite(rewards)))
       rows = [_completion_ids(t, f, eos_id, max_new) for t, f in zip(out.token_ids, out.finished)]
+      # the update's prompt sharing relies on generate's layout: a prompt's G samples are consecutive
+      assert all(out.prompt_index[i] == out.prompt_index[i - i % group] for i in range(len(rows)))
       host = build_batch(out.prompt_token_ids, rows, rewards, completion_len=max_new, pad_id=int(pad_id), accum=accum,
                          prompt_len=prompt_len)
       batch = batch_to_device(host, mesh)
