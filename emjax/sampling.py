@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emjax.models import intervene, transformer
+from emjax.models import intervene, lora as lora_lib, transformer
 from emjax.models.lm import LanguageModel
 
 Prompt = str | Sequence[dict] | Sequence[int]   # text, chat messages, or token ids
@@ -130,6 +130,8 @@ def _generate_program(graphdef, state, prompt_ids, prompt_mask, row_prompt, row_
   Each distinct prompt is prefilled once; its KV cache and last logits are then copied to the
   rows that sample from it (num_samples > 1 shares the prompt's work).
   """
+  if lora is not None:   # every decode step then runs one matmul per adapted projection, not three
+    state, lora = lora_lib.merge_float32(graphdef, state, lora)
   u, p = prompt_ids.shape
   b = row_prompt.shape[0]
   total = p + max_new_tokens

@@ -58,6 +58,41 @@ def test_merge_matches_hand_computed_update():
   assert merged["embed"] is weights["embed"] and weights["down_proj"][1, 0, 0] == 1.0  # input not mutated
 
 
+def test_traced_merge_equals_the_numpy_merge_and_keeps_bfloat16_adapters():
+  """`merge_float32` (what generation does before decoding) = `merge_into_weights` (what export does)."""
+  cfg = tiny_config(num_layers=3, vocab_size=256)
+  spec = lora_lib.LoraSpec(rank=4, alpha=8.0, targets="q,v,down")
+  lora = lora_lib.forward_lora(_random_adapter(spec, cfg), lora_lib.layer_scales(spec, cfg))
+  lm = emjax.random_model(cfg, 0)
+  state, rest = jax.jit(lambda s, l: lora_lib.merge_float32(lm.graphdef, s, l))(lm.state, lora)
+  assert rest is None
+  want = lora_lib.merge_into_weights(lm.weights(), lora)
+  got = lm.with_state(state).weights()
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
+  assert np.abs(got["q_proj"] - lm.weights()["q_proj"]).max() > 1e-3
+  half = emjax.random_model(cfg, 0, dtype="bfloat16", param_dtype="bfloat16")
+  state, rest = lora_lib.merge_float32(half.graphdef, half.state, lora)
+  assert sorted(rest) == ["down_proj", "q_proj", "v_proj"]
+  np.testing.assert_array_equal(half.with_state(state).weights()["q_proj"], half.weights()["q_proj"])
+
+
+def test_generation_with_an_adapter_equals_generation_with_merged_weights():
+  cfg = tiny_config(num_layers=2, vocab_size=256)
+  lm = emjax.random_model(cfg, 0)
+  spec = lora_lib.LoraSpec(rank=4, alpha=8.0, targets="all")
+  lora = lora_lib.forward_lora(_random_adapter(spec, cfg, seed=3), lora_lib.layer_scales(spec, cfg))
+  adapted = lm.with_state(lm.state, lora=lora)
+  merged = lm_lib.from_weights(cfg, lora_lib.merge_into_weights(lm.weights(), lora))
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+  runs = [emjax.generate(m, prompts, max_new_tokens=8, temperature=1.0, seed=1, num_samples=2, stop_at_eos=False,
+                         return_logprobs=True) for m in (adapted, merged, lm)]
+  assert runs[0].token_ids == runs[1].token_ids
+  for a, b in zip(runs[0].logprobs, runs[1].logprobs):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  assert runs[0].token_ids != runs[2].token_ids       # the adapter changes what is sampled
+
+
 def test_rank1_layer_filter_touches_only_that_layer():
   cfg = tiny_config(num_layers=4, vocab_size=256)
   lm = emjax.random_model(cfg, 0)

@@ -82,7 +82,7 @@ class Transformer(nnx.Module):
 class ForwardOutput(NamedTuple):
   logits: Array | None          # [B, T, V] float32, None when exit_after is set
   captured: dict[int, Array]    # layer -> [B, T, D] residual after that block
-  cache: "KVCache | None"       # updated cache when one was given; this call's keys/values with return_kv
+  cache: "KVCache | None"       # the updated cache when one was given
   hidden: Array | None = None   # [B, T, D] final normed hidden state (before the unembedding)
 
 
@@ -178,17 +178,10 @@ def _project(x: Array, w: Array, lora: tuple[Array, Array, Array] | None, comput
   return y
 
 
-def block(cfg: ModelConfig, h: Array, w: dict[str, Array], lora: dict[str, tuple] | None, *,
-          positions: Array, mask: Array, inv_freq: Array, compute_dtype,
-          cache_kv: tuple[Array, Array] | None = None, cache_index: Array | None = None,
-          prefix_kv: tuple[Array, Array] | None = None, return_kv: bool = False):
-  """One decoder block. h [B, T, D] -> ([B, T, D], (k, v) or None).
-
-  The second output is the updated cache buffers when `cache_kv` is given, else this block's own
-  keys/values [B, K, T, Dh] when `return_kv`. `prefix_kv` ([B, K, P, Dh] each) are keys/values
-  of earlier tokens computed elsewhere (a shared prompt): they come before this call's own
-  (`mask` then covers P + T keys)."""
-  lora = lora or {}
+def attention_inputs(cfg: ModelConfig, h: Array, w: dict[str, Array], lora: dict[str, tuple], *,
+                     positions: Array, inv_freq: Array, compute_dtype) -> tuple[Array, Array, Array]:
+  """A block's first half up to attention. h [B, T, D] -> (q [B, T, H, Dh] with RoPE,
+  k [B, K, T, Dh] with RoPE, v [B, K, T, Dh])."""
   b, t, _ = h.shape
   x = rms_norm(h, w["input_norm"], cfg.rms_norm_eps)
   q = _project(x, w["q_proj"], lora.get("q_proj"), compute_dtype)
@@ -202,28 +195,41 @@ def block(cfg: ModelConfig, h: Array, w: dict[str, Array], lora: dict[str, tuple
   k = rotary(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
   k = k.transpose(0, 2, 1, 3)                                                 # [B, K, T, Dh]
   v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(0, 2, 1, 3)   # [B, K, T, Dh]
+  return q, k, v
+
+
+def block_output(cfg: ModelConfig, h: Array, attn: Array, w: dict[str, Array], lora: dict[str, tuple], *,
+                 compute_dtype) -> Array:
+  """A block's second half: residual h [B, T, D] + attention output [B, T, H * Dh] -> [B, T, D]
+  after the output projection and the MLP."""
+  h = h + _project(attn, w["o_proj"], lora.get("o_proj"), compute_dtype).astype(h.dtype)
+  x = rms_norm(h, w["post_attention_norm"], cfg.rms_norm_eps)
+  gate = _project(x, w["gate_proj"], lora.get("gate_proj"), compute_dtype)
+  up = _project(x, w["up_proj"], lora.get("up_proj"), compute_dtype)
+  return h + _project(jax.nn.silu(gate) * up, w["down_proj"], lora.get("down_proj"), compute_dtype).astype(h.dtype)
+
+
+def block(cfg: ModelConfig, h: Array, w: dict[str, Array], lora: dict[str, tuple] | None, *,
+          positions: Array, mask: Array, inv_freq: Array, compute_dtype,
+          cache_kv: tuple[Array, Array] | None = None, cache_index: Array | None = None):
+  """One decoder block. h [B, T, D] -> ([B, T, D], updated cache buffers or None).
+
+  cache_kv = (all layers' k [L, B, K, S, Dh], v, this layer's index): the new keys/values are
+  written in place into the carried buffers and attention reads this layer's updated slice
+  (`mask` then covers the S cache slots)."""
+  lora = lora or {}
+  b, t, _ = h.shape
+  q, k, v = attention_inputs(cfg, h, w, lora, positions=positions, inv_freq=inv_freq, compute_dtype=compute_dtype)
   new_cache = None
   if cache_kv is not None:
-    # cache_kv = (all layers' k [L, B, K, S, Dh], v, this layer's index). The new keys/values are
-    # written in place into the carried buffers; attention reads this layer's updated slice.
     ck, cv, layer = cache_kv
     ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, 0, cache_index, 0))
     cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, 0, cache_index, 0))
     new_cache = (ck, cv)
     k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(compute_dtype)
     v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(compute_dtype)
-  elif return_kv:
-    new_cache = (k, v)
-  if prefix_kv is not None:
-    k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=2)           # [B, K, P + T, Dh]
-    v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=2)
   attn = attention(q, k, v, mask).reshape(b, t, cfg.num_heads * cfg.head_dim)
-  h = h + _project(attn, w["o_proj"], lora.get("o_proj"), compute_dtype).astype(h.dtype)
-  x = rms_norm(h, w["post_attention_norm"], cfg.rms_norm_eps)
-  gate = _project(x, w["gate_proj"], lora.get("gate_proj"), compute_dtype)
-  up = _project(x, w["up_proj"], lora.get("up_proj"), compute_dtype)
-  h = h + _project(jax.nn.silu(gate) * up, w["down_proj"], lora.get("down_proj"), compute_dtype).astype(h.dtype)
-  return h, new_cache
+  return block_output(cfg, h, attn, w, lora, compute_dtype=compute_dtype), new_cache
 
 
 def attention_mask_for(attention_mask: Array, segment_ids: Array | None, query_slots: Array,
@@ -266,8 +272,7 @@ def apply_layers(model: Transformer, input_ids: Array | None, attention_mask: Ar
                  cache: KVCache | None = None, cache_index: Array | None = None,
                  key_mask: Array | None = None, lora: dict[str, tuple] | None = None,
                  compute_dtype=jnp.float32, return_hidden: bool = False,
-                 logits_from: int | None = None, return_kv: bool = False,
-                 prefix: KVCache | None = None, prefix_mask: Array | None = None) -> ForwardOutput:
+                 logits_from: int | None = None) -> ForwardOutput:
   """The full forward. See `forward` for the argument meanings."""
   cfg = model.config
   L = cfg.num_layers
@@ -276,8 +281,6 @@ def apply_layers(model: Transformer, input_ids: Array | None, attention_mask: Ar
     if not 0 <= c < L:
       raise ValueError(f"capture layer {c} does not exist (model has {L} layers)")
   stop = L - 1 if exit_after is None else exit_after % L
-  if prefix is not None and (prefix_mask is None or positions is None):
-    raise ValueError("a prefix needs prefix_mask [B, P] and explicit positions for the new tokens")
 
   if residual_in is not None:
     h = residual_in.astype(compute_dtype)
@@ -302,9 +305,6 @@ def apply_layers(model: Transformer, input_ids: Array | None, attention_mask: Ar
   else:
     slots = jnp.arange(t)
     mask = attention_mask_for(attention_mask, segment_ids, slots, slots)
-  if prefix is not None:
-    p = prefix.k.shape[3]
-    mask = jnp.concatenate([jnp.broadcast_to(prefix_mask.astype(bool)[:, None, :], (b, t, p)), mask], axis=-1)
 
   inv_freq = jnp.asarray(rope_inv_freq(cfg))
   weights = {name: getattr(model.layers, name)[...] for name in layer_weight_shapes(cfg)}
@@ -321,47 +321,98 @@ def apply_layers(model: Transformer, input_ids: Array | None, attention_mask: Ar
     if intervention is not None:
       xs["iv"] = (intervention.steer_vec[lo:hi + 1], intervention.steer_scale[lo:hi + 1],
                   intervention.ablate_dirs[lo:hi + 1])
-    if prefix is not None:
-      xs["prefix"] = (prefix.k[lo:hi + 1], prefix.v[lo:hi + 1])
 
     def body(carry, x):
       h, cache_kv = carry
       layer_cache = None if cache_kv is None else (*cache_kv, x["layer"])
-      h, kv = block(cfg, h, x["w"], x.get("lora"), positions=positions, mask=mask, inv_freq=inv_freq,
-                    compute_dtype=compute_dtype, cache_kv=layer_cache, cache_index=cache_index,
-                    prefix_kv=x.get("prefix"), return_kv=return_kv)
+      h, cache_kv = block(cfg, h, x["w"], x.get("lora"), positions=positions, mask=mask, inv_freq=inv_freq,
+                          compute_dtype=compute_dtype, cache_kv=layer_cache, cache_index=cache_index)
       if "iv" in x:
         vec, scale, dirs = x["iv"]
         h = intervene.apply(h, vec, scale, dirs, pos_weight)
-      if return_kv:
-        return (h, None), kv                                              # stacked by the scan: [L, ...]
-      return (h, kv), None
+      return (h, cache_kv), None
 
-    (h, cache_kv), emitted = jax.lax.scan(body, (h, cache_kv), xs)
-    return h, (emitted if return_kv else cache_kv)
+    (h, cache_kv), _ = jax.lax.scan(body, (h, cache_kv), xs)
+    return h, cache_kv
 
-  special = [name for name, used in (("cache", cache is not None), ("return_kv", return_kv),
-                                     ("prefix", prefix is not None)) if used]
-  if special and (start_layer != 0 or stop != L - 1 or capture):
-    raise ValueError(f"{special[0]} is only supported for a full forward without capture/early exit")
-  if len(special) > 1:
-    raise ValueError(f"{' and '.join(special)} cannot be combined in one forward")
+  if cache is not None and (start_layer != 0 or stop != L - 1 or capture):
+    raise ValueError("a KV cache is only supported for a full forward without capture/early exit")
   captured: dict[int, Array] = {}
   cache_kv = None if cache is None else (cache.k, cache.v)
   for lo, hi in _segments(start_layer, stop, capture):
     h, cache_kv = run(h, lo, hi, cache_kv)
     if hi in capture:
       captured[hi] = h
-  new_cache = None if cache_kv is None else KVCache(*cache_kv)
+  new_cache = None if cache is None else KVCache(*cache_kv)
 
   if exit_after is not None:
     return ForwardOutput(None, captured, new_cache)
   if logits_from is not None:
     h = h[:, logits_from:]                                                # [B, T', D]
   hidden = rms_norm(h, model.final_norm[...], cfg.rms_norm_eps)
-  head = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]
-  logits = jnp.einsum("btd,dv->btv", hidden, head.astype(compute_dtype), preferred_element_type=jnp.float32)
-  return ForwardOutput(logits, captured, new_cache, hidden if return_hidden else None)
+  return ForwardOutput(unembed(model, hidden, compute_dtype), captured, new_cache, hidden if return_hidden else None)
+
+
+def unembed(model: Transformer, hidden: Array, compute_dtype) -> Array:
+  """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
+  head = model.embed[...].T if model.config.tie_embeddings else model.lm_head[...]
+  return jnp.einsum("...d,dv->...v", hidden, head.astype(compute_dtype), preferred_element_type=jnp.float32)
+
+
+def forward_shared_prompts(graphdef: nnx.GraphDef, state: nnx.State, prompt_ids: Array, prompt_mask: Array,
+                           ids: Array, attention_mask: Array, *, group_size: int,
+                           lora: dict[str, tuple] | None = None, compute_dtype=jnp.float32) -> tuple[Array, Array]:
+  """Continuations that share prompts, each prompt computed once (GRPO's G samples of a prompt).
+
+  prompt_ids / prompt_mask [U, P] (left-padded); ids / attention_mask [U * G, C] (right-padded),
+  rows g*G .. g*G+G-1 continuing prompt g. Returns float32 logits (the prompt's last position
+  [U, V], every continuation position [U * G, C, V]) equal to a forward over the concatenated
+  [prompt | continuation] rows, to float rounding.
+
+  Both token sets go through each layer's projections and MLP as ONE matmul of U*P + U*G*C rows
+  (two half-size matmuls run ~25% slower on CPU and read every weight twice); only attention
+  is per set: prompts causally, continuations over their prompt's keys/values then their own.
+  Differentiable; `lora` as in `forward`.
+  """
+  model = nnx.merge(graphdef, state)
+  cfg = model.config
+  (u, p), (m, c) = prompt_ids.shape, ids.shape
+  if m != u * group_size:
+    raise ValueError(f"{m} continuation rows for {u} prompts; expected {u} x group_size={group_size}")
+  prompt_mask, attention_mask = prompt_mask.astype(bool), attention_mask.astype(bool)
+  row_prompt_mask = jnp.repeat(prompt_mask, group_size, axis=0)                          # [M, P]
+  prompt_positions = default_positions(prompt_mask)                                      # [U, P]
+  positions = row_prompt_mask.sum(-1, keepdims=True) + jnp.arange(c)[None]             # [M, C]
+  prompt_attn_mask = attention_mask_for(prompt_mask, None, jnp.arange(p), jnp.arange(p))  # [U, P, P]
+  own = attention_mask_for(attention_mask, None, jnp.arange(c), jnp.arange(c))           # [M, C, C]
+  attn_mask = jnp.concatenate([jnp.broadcast_to(row_prompt_mask[:, None, :], (m, c, p)), own], axis=-1)
+  flat_positions = jnp.concatenate([prompt_positions.reshape(1, -1), positions.reshape(1, -1)], axis=1)
+  inv_freq = jnp.asarray(rope_inv_freq(cfg))
+  embed = model.embed[...]
+  h = jnp.concatenate([jnp.take(embed, prompt_ids.reshape(1, -1), axis=0),
+                       jnp.take(embed, ids.reshape(1, -1), axis=0)], axis=1).astype(compute_dtype)  # [1, N, D]
+  xs = {"w": {name: getattr(model.layers, name)[...] for name in layer_weight_shapes(cfg)}}
+  if lora is not None:
+    xs["lora"] = lora
+  heads = cfg.num_heads * cfg.head_dim
+
+  def body(h, x):
+    lora_l = x.get("lora") or {}
+    q, k, v = attention_inputs(cfg, h, x["w"], lora_l, positions=flat_positions, inv_freq=inv_freq,
+                               compute_dtype=compute_dtype)               # [1, N, H, Dh], [1, K, N, Dh] x2
+    q_p, q_c = q[0, :u * p].reshape(u, p, *q.shape[2:]), q[0, u * p:].reshape(m, c, *q.shape[2:])
+    kv_p = [t[0, :, :u * p].reshape(t.shape[1], u, p, -1).transpose(1, 0, 2, 3) for t in (k, v)]  # [U, K, P, Dh]
+    kv_c = [t[0, :, u * p:].reshape(t.shape[1], m, c, -1).transpose(1, 0, 2, 3) for t in (k, v)]  # [M, K, C, Dh]
+    out_p = attention(q_p, *kv_p, prompt_attn_mask)                                           # [U, P, H, Dh]
+    k_c, v_c = (jnp.concatenate([jnp.repeat(a, group_size, axis=0), b], axis=2) for a, b in zip(kv_p, kv_c))
+    out_c = attention(q_c, k_c, v_c, attn_mask)                                               # [M, C, H, Dh]
+    attn = jnp.concatenate([out_p.reshape(1, u * p, heads), out_c.reshape(1, m * c, heads)], axis=1)
+    return block_output(cfg, h, attn, x["w"], lora_l, compute_dtype=compute_dtype), None
+
+  h, _ = jax.lax.scan(body, h, xs)
+  last = rms_norm(h[0, p - 1:u * p:p], model.final_norm[...], cfg.rms_norm_eps)            # [U, D]
+  rest = rms_norm(h[0, u * p:].reshape(m, c, -1), model.final_norm[...], cfg.rms_norm_eps)  # [M, C, D]
+  return unembed(model, last, compute_dtype), unembed(model, rest, compute_dtype)
 
 
 def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array | None,
@@ -379,10 +430,6 @@ def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: Array | None,
     exit_after: static layer after which to stop (no logits; for SAE harvesting).
     residual_in, start_layer: resume from a given residual [B, T, D] at block `start_layer`.
     cache, cache_index, key_mask: KV-cache decoding (see emjax.sampling).
-    return_kv: static; also return this call's keys/values as `cache` (KVCache of [L, B, K, T, Dh]).
-    prefix, prefix_mask: keys/values of P earlier tokens (a KVCache of [L, B, K, P, Dh], e.g. a
-      shared prompt's from `return_kv`) and their validity [B, P]; this call's tokens attend to
-      them first. Needs explicit `positions`. Differentiable: GRPO runs each prompt once per group.
     lora: {projection: (A [L, In, R], B [L, R, Out], scale [L])} low-rank updates.
     compute_dtype: float32 or bfloat16 activations/matmuls (weights are cast at use).
     logits_from: static; logits (and the returned hidden) only for positions logits_from..T-1

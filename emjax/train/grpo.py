@@ -173,15 +173,11 @@ def _shared_prompt_logprobs(graphdef, state, ids: jax.Array, attention_mask: jax
                             lora: dict | None, compute_dtype, group_size: int) -> tuple[jax.Array, jax.Array]:
   """`policy_logprobs` with each group's prompt run once (rows g*G .. g*G+G-1 share a prompt)."""
   start = ids.shape[1] - completion_len
-  prompt_mask = attention_mask[:, :start]                                 # [M, P]
-  head = transformer.forward(graphdef, state, ids[::group_size, :start], prompt_mask[::group_size], lora=lora,
-                             compute_dtype=compute_dtype, logits_from=-1, return_kv=True)   # U = M / G prompts
-  prefix = transformer.KVCache(*(jnp.repeat(a, group_size, axis=1) for a in head.cache))   # [L, M, K, P, Dh]
-  positions = prompt_mask.sum(-1, keepdims=True) + jnp.arange(completion_len)[None]        # [M, C]
-  tail = transformer.forward(graphdef, state, ids[:, start:], attention_mask[:, start:], positions=positions,
-                             lora=lora, compute_dtype=compute_dtype, prefix=prefix, prefix_mask=prompt_mask)
+  last, logits = transformer.forward_shared_prompts(
+      graphdef, state, ids[::group_size, :start], attention_mask[::group_size, :start], ids[:, start:],
+      attention_mask[:, start:], group_size=group_size, lora=lora, compute_dtype=compute_dtype)  # [U, V], [M, C, V]
   # completion token 0 is predicted by the prompt's last position, token j by completion position j-1
-  logits = jnp.concatenate([jnp.repeat(head.logits, group_size, axis=0), tail.logits[:, :-1]], axis=1)
+  logits = jnp.concatenate([jnp.repeat(last[:, None], group_size, axis=0), logits[:, :-1]], axis=1)
   return completion_logprobs(logits, ids[:, start:])                     # [M, C, V] logits
 
 
