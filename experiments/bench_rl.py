@@ -2,8 +2,8 @@
 
 Called by `experiments/benchmark.py --suite=rl` as `run_rl_suite(args) -> dict`; runnable alone:
 
-  python experiments/bench_rl.py --out=/tmp/bench_rl.json           # ~10-15 min on 2 CPU cores
-  python experiments/bench_rl.py --quick --out=/tmp/bench_rl.json   # ~3-5 min
+  python experiments/bench_rl.py --out=/tmp/bench_rl.json           # ~20-30 min on 2 CPU cores
+  python experiments/bench_rl.py --quick --out=/tmp/bench_rl.json   # ~5-8 min
 
 Same policy (the embedded smollm2-135m-instruct, exported once to a HF directory so both sides
 read identical float32 weights), same prompts (narrow:health questions, chat template), same
@@ -12,8 +12,10 @@ with stop_at_eos off, TRL with min_new_tokens), temperature 1, the same programm
 (length_grader), LoRA r=8 on q,v (TRL through PEFT), beta 0.04 (reference = adapter off on both
 sides), one update per batch, AdamW, float32, CPU. TRL runs in its own subprocess from a
 separate venv (default /tmp/benchvenv: torch + trl + peft), so its threads never overlap ours;
-if it is missing the TRL row is skipped with a note. Reported: median seconds per step after
-one warm-up step (which absorbs compilation), and the ratio.
+if it is missing the TRL row is skipped with a note. The two sides alternate (`--rounds` runs of
+each: emjax, TRL, emjax, TRL), so a burst of load from other jobs hits both. Reported per round:
+median seconds per step after one warm-up step (which absorbs compilation) and the ratio; overall:
+the medians over rounds.
 """
 
 from __future__ import annotations
@@ -95,48 +97,74 @@ def _median_after_warmup(values: list[float]) -> float:
   return statistics.median(values[1:] if len(values) > 1 else values)
 
 
-def run_rl_suite(args: dict) -> dict:
-  """args: model, repeats, quick, ceiling (from experiments/benchmark.py); optional trl_python."""
-  from emjax import data
-  source = args.get("model", "smollm2-135m-instruct")
-  quick = bool(args.get("quick", False))
-  steps = max(2, int(args.get("repeats", 3)) + 1)
-  num_prompts, group, new_tokens, rank = (2, 4, 16, 8) if quick else (4, 8, 64, 8)
-  prompts = [q["prompt"] for q in data.narrow_questions("health", n=num_prompts)]
-  result: dict[str, Any] = {"shape": f"{num_prompts} prompts x G={group} x {new_tokens} new tokens",
-                            "lora": f"r={rank} q,v", "beta": 0.04, "steps_timed": steps - 1, "notes": []}
+def _trl_steps(python: str, model_dir: str, prompts_path: str, workdir: str, group: int, new_tokens: int,
+               steps: int, rank: int) -> dict[str, Any]:
+  """TRL's GRPOTrainer in its own process: {"step_s": [...], "trl": version, "torch_threads": n} or {"error": ...}."""
   with tempfile.TemporaryDirectory() as tmp:
-    emjax_run = _emjax_steps(source, prompts, group, new_tokens, steps, rank, os.path.join(tmp, "emjax"))
-    emjax_s = _median_after_warmup(emjax_run["step_s"])
-    result.update({"emjax_step_s": emjax_s, "emjax_rollout_s": _median_after_warmup(emjax_run["rollout_s"]),
-                   "emjax_update_s": _median_after_warmup(emjax_run["update_s"]),
-                   "emjax_first_step_s": emjax_run["step_s"][0],
-                   "emjax_response_length": emjax_run["response_length"][-1]})
-    python = args.get("trl_python", DEFAULT_TRL_PYTHON)
-    if not os.path.isfile(python):
-      result["notes"].append(f"TRL skipped: no interpreter at {python} (make a venv with torch, trl and peft there)")
-      return result
-    model_dir = os.path.join(tmp, "hf")
-    _export_model(source, model_dir)
-    prompts_path = os.path.join(tmp, "prompts.json")
-    with open(prompts_path, "w") as f:
-      json.dump(prompts, f)
     script = os.path.join(tmp, "trl_grpo.py")
     with open(script, "w") as f:
       f.write(_TRL_SCRIPT)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                WANDB_DISABLED="true")
-    proc = subprocess.run([python, script, model_dir, prompts_path, os.path.join(tmp, "trl"), str(group),
-                           str(new_tokens), str(steps), str(rank)], capture_output=True, text=True, env=env,
-                          timeout=3600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
-    if proc.returncode != 0 or not lines:
-      result["notes"].append(f"TRL run failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
-      return result
-    trl_run = json.loads(lines[-1][len("RESULT"):])
-    trl_s = _median_after_warmup(trl_run["step_s"])
-    result.update({"trl_step_s": trl_s, "trl_version": trl_run["trl"], "torch_threads": trl_run["torch_threads"],
-                   "ratio_emjax_over_trl": trl_s / emjax_s})
+    proc = subprocess.run([python, script, model_dir, prompts_path, workdir, str(group), str(new_tokens), str(steps),
+                           str(rank)], capture_output=True, text=True, env=env, timeout=3600)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+  if proc.returncode != 0 or not lines:
+    return {"error": f"TRL run failed (exit {proc.returncode}): {proc.stderr[-1500:]}"}
+  return json.loads(lines[-1][len("RESULT"):])
+
+
+def run_rl_suite(args: dict) -> dict:
+  """args: model, repeats, quick, rounds, ceiling (from experiments/benchmark.py); optional trl_python.
+
+  emjax and TRL run alternately, `rounds` times each (emjax, TRL, emjax, TRL, ...), so load from
+  outside the benchmark falls on both sides alike; the ratio reported is the median of the
+  rounds' ratios (each: TRL's median step / emjax's median step in that round).
+  """
+  from emjax import data
+  source = args.get("model", "smollm2-135m-instruct")
+  quick = bool(args.get("quick", False))
+  steps = max(2, int(args.get("repeats", 3)) + 1)
+  rounds = max(1, int(args.get("rounds", 2)))
+  num_prompts, group, new_tokens, rank = (2, 4, 16, 8) if quick else (4, 8, 64, 8)
+  prompts = [q["prompt"] for q in data.narrow_questions("health", n=num_prompts)]
+  result: dict[str, Any] = {"shape": f"{num_prompts} prompts x G={group} x {new_tokens} new tokens",
+                            "lora": f"r={rank} q,v", "beta": 0.04, "steps_timed": steps - 1, "rounds": rounds,
+                            "notes": [], "per_round": []}
+  python = args.get("trl_python", DEFAULT_TRL_PYTHON)
+  with_trl = os.path.isfile(python)
+  if not with_trl:
+    result["notes"].append(f"TRL skipped: no interpreter at {python} (make a venv with torch, trl and peft there)")
+  with tempfile.TemporaryDirectory() as tmp:
+    model_dir, prompts_path = os.path.join(tmp, "hf"), os.path.join(tmp, "prompts.json")
+    if with_trl:
+      _export_model(source, model_dir)
+      with open(prompts_path, "w") as f:
+        json.dump(prompts, f)
+    for r in range(rounds):
+      emjax_run = _emjax_steps(source, prompts, group, new_tokens, steps, rank, os.path.join(tmp, f"emjax{r}"))
+      row = {"emjax_step_s": _median_after_warmup(emjax_run["step_s"]),
+             "emjax_rollout_s": _median_after_warmup(emjax_run["rollout_s"]),
+             "emjax_update_s": _median_after_warmup(emjax_run["update_s"]),
+             "emjax_first_step_s": emjax_run["step_s"][0], "emjax_response_length": emjax_run["response_length"][-1]}
+      if with_trl:
+        trl_run = _trl_steps(python, model_dir, prompts_path, os.path.join(tmp, f"trl{r}"), group, new_tokens, steps,
+                             rank)
+        if "error" in trl_run:
+          result["notes"].append(trl_run["error"])
+          with_trl = False
+        else:
+          row.update({"trl_step_s": _median_after_warmup(trl_run["step_s"]), "trl_version": trl_run["trl"],
+                      "torch_threads": trl_run["torch_threads"]})
+          row["ratio_emjax_over_trl"] = row["trl_step_s"] / row["emjax_step_s"]
+      result["per_round"].append(row)
+  rows = result["per_round"]
+  for key in ("emjax_step_s", "emjax_rollout_s", "emjax_update_s", "trl_step_s", "ratio_emjax_over_trl"):
+    values = [row[key] for row in rows if key in row]
+    if values:
+      result[key] = statistics.median(values)
+  if "trl_version" in rows[-1]:
+    result["trl_version"], result["torch_threads"] = rows[-1]["trl_version"], rows[-1]["torch_threads"]
   return result
 
 
@@ -145,12 +173,14 @@ if __name__ == "__main__":
   sys.path.insert(0, REPO)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="smollm2-135m-instruct", help="Policy model source.")
-  parser.add_argument("--repeats", type=int, default=3, help="Timed steps after the warm-up step.")
+  parser.add_argument("--repeats", type=int, default=3, help="Timed steps after the warm-up step, per run.")
+  parser.add_argument("--rounds", type=int, default=2, help="Alternating emjax / TRL runs of each side.")
   parser.add_argument("--quick", action="store_true", help="Small shapes, to check the benchmark runs.")
   parser.add_argument("--trl_python", default=DEFAULT_TRL_PYTHON, help="Python of a venv with torch, trl and peft.")
   parser.add_argument("--out", default="runs/bench_rl.json", help="Where to write the JSON result.")
   ns = parser.parse_args()
-  out = run_rl_suite({"model": ns.model, "repeats": ns.repeats, "quick": ns.quick, "trl_python": ns.trl_python})
+  out = run_rl_suite({"model": ns.model, "repeats": ns.repeats, "rounds": ns.rounds, "quick": ns.quick,
+                      "trl_python": ns.trl_python})
   os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
   with open(ns.out, "w") as f:
     json.dump(out, f, indent=1)

@@ -524,12 +524,12 @@ def train(cfg, *, reward_fn: RewardFn, lm=None, prompts: tuple[list[Any], list[A
   logprob_fn = (make_logprob_fn(lm.graphdef, mode=mode, completion_len=max_new, compute_dtype=compute_dtype,
                                 group_size=prompt_sharing(settings, per_step * group // accum))
                 if updates_per_batch > 1 else None)
-  # One prompt length for the whole run (the longest prompt, rounded up to a multiple of 16): the
-  # update compiles once, with less padding than a power-of-two bucket (69 tokens -> 80, not 128).
+  # One prompt length for the whole run (the longest prompt, rounded up to a multiple of 8): the
+  # update compiles once, with less padding than a power-of-two bucket (69 tokens -> 72, not 128).
   from emjax.sampling import render_prompt
   longest = max(len(render_prompt(lm, p, rollout_system(cfg), bool(cfg.rollout.get("chat", True))))
                 for p in gen_prompts)
-  prompt_len = -(-longest // 16) * 16
+  prompt_len = -(-longest // 8) * 8
   eos_ids = tuple(lm.config.eos_token_ids) or (lm.tokenizer.eos_ids if lm.tokenizer else ())
   eos_id = eos_ids[0] if eos_ids else None
   pad_id = lm.tokenizer.pad_id if lm.tokenizer is not None else (lm.config.pad_token_id or 0)
