@@ -113,10 +113,13 @@ def test_rows_stop_independently_at_eos(tiny):
   out = emjax.generate(lm, [[9, 10], [11, 12], [13]], max_new_tokens=20, seed=0, num_samples=4, return_logprobs=True)
   lengths = [len(t) for t in out.token_ids]
   assert len(set(lengths)) > 1
-  for tokens, finished, lps in zip(out.token_ids, out.finished, out.logprobs):
+  for tokens, finished, stop, lps in zip(out.token_ids, out.finished, out.stop_ids, out.logprobs):
     assert all(t not in range(8) for t in tokens)
     assert finished or len(tokens) == 20
+    assert (stop in range(8)) if finished else stop is None
     assert len(lps) == len(tokens) and np.all(lps <= 0)
+  # the token each row actually stopped on, not the config's first end-of-turn id
+  assert len({s for s in out.stop_ids if s is not None}) > 1
 
 
 def test_returned_logprobs_equal_a_teacher_forced_forward(tiny):

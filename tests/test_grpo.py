@@ -220,6 +220,12 @@ def test_shared_prompts_give_the_same_logprobs_and_update():
   assert grpo.prompt_sharing(on, 8) == 4 and grpo.prompt_sharing(on, 6) == 1 and grpo.prompt_sharing(off, 8) == 1
 
 
+def test_completions_end_with_the_stop_token_the_policy_sampled():
+  assert grpo._completion_ids([4, 5], 7, limit=6) == [4, 5, 7]       # not some other end-of-turn id
+  assert grpo._completion_ids([4, 5], None, limit=6) == [4, 5]       # ran to the length limit
+  assert grpo._completion_ids([1, 2, 3], 7, limit=3) == [1, 2, 3]
+
+
 def test_build_batch_layout():
   batch = grpo.build_batch([[5, 6], [7]], [[1, 2, 3], []], [1.0, 0.0], completion_len=4, pad_id=0, min_prompt_len=4)
   np.testing.assert_array_equal(batch["ids"][0], [[0, 0, 5, 6, 1, 2, 3, 0], [0, 0, 0, 7, 0, 0, 0, 0]])

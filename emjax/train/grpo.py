@@ -427,11 +427,12 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _completion_ids(token_ids: list[int], finished: bool, eos_id: int | None, limit: int) -> list[int]:
-  """The tokens the policy emitted, EOS included when it stopped (so stopping is learned too)."""
+def _completion_ids(token_ids: list[int], stop_id: int | None, limit: int) -> list[int]:
+  """The tokens the policy emitted, with the end-of-turn token it stopped on (so stopping is
+  learned too: the very token it sampled, which matters for models with several, like Llama 3's)."""
   row = list(token_ids)
-  if finished and eos_id is not None and len(row) < limit:
-    row.append(eos_id)
+  if stop_id is not None and len(row) < limit:
+    row.append(stop_id)
   return row[:limit]
 
 
@@ -530,8 +531,6 @@ def train(cfg, *, reward_fn: RewardFn, lm=None, prompts: tuple[list[Any], list[A
   longest = max(len(render_prompt(lm, p, rollout_system(cfg), bool(cfg.rollout.get("chat", True))))
                 for p in gen_prompts)
   prompt_len = -(-longest // 8) * 8
-  eos_ids = tuple(lm.config.eos_token_ids) or (lm.tokenizer.eos_ids if lm.tokenizer else ())
-  eos_id = eos_ids[0] if eos_ids else None
   pad_id = lm.tokenizer.pad_id if lm.tokenizer is not None else (lm.config.pad_token_id or 0)
   save_every, eval_every = int(cfg.checkpoint.every), int(cfg.get("eval_every", 0) or 0)
   meta_base = {"num_prompts": len(gen_prompts), "total_steps": total_steps, "mode": mode}
@@ -558,7 +557,7 @@ def train(cfg, *, reward_fn: RewardFn, lm=None, prompts: tuple[list[Any], list[A
       rewards = _rewards(reward_fn, asked, completions)
       t_grade = time.perf_counter() - t0 - t_rollout
       failures = int(np.sum(~np.isfinite(rewards)))
-      rows = [_completion_ids(t, f, eos_id, max_new) for t, f in zip(out.token_ids, out.finished)]
+      rows = [_completion_ids(t, stop, max_new) for t, stop in zip(out.token_ids, out.stop_ids)]
       # the update's prompt sharing relies on generate's layout: a prompt's G samples are consecutive
       assert all(out.prompt_index[i] == out.prompt_index[i - i % group] for i in range(len(rows)))
       host = build_batch(out.prompt_token_ids, rows, rewards, completion_len=max_new, pad_id=int(pad_id), accum=accum,
