@@ -39,12 +39,16 @@ class Generation:
   token_ids: list[list[int]]           # [N] completion tokens (EOS excluded)
   prompt_index: list[int]              # [N] which prompt each completion answers
   sample_index: list[int]              # [N] which of that prompt's samples it is
-  finished: list[bool]                 # [N] stopped at EOS (False: hit max_new_tokens)
-  stop_ids: list[int | None]           # [N] the end-of-turn token that stopped each row (None: not stopped)
+  stop_ids: list[int | None]           # [N] the end-of-turn token that stopped each row (None: hit max_new_tokens)
   logprobs: list[np.ndarray] | None    # [N] per-token log p(token) under the model (temperature 1)
   prompt_token_ids: list[list[int]]    # [N] the rendered prompt's tokens
   seconds: float = 0.0
   new_tokens: int = 0
+
+  @functools.cached_property
+  def finished(self) -> list[bool]:
+    """[N] stopped at an end-of-turn token (False: hit max_new_tokens)."""
+    return [stop is not None for stop in self.stop_ids]
 
   @property
   def tokens_per_second(self) -> float:
@@ -236,7 +240,6 @@ def generate(lm: LanguageModel, prompts: Sequence[Prompt], *, max_new_tokens: in
 
   out_tokens: list[list[int]] = [None] * len(rows)
   out_lps: list[np.ndarray] = [None] * len(rows)
-  out_done: list[bool] = [False] * len(rows)
   out_stop: list[int | None] = [None] * len(rows)
   # longest prompts first so buckets fill evenly; results are returned in the original order
   order = sorted(range(len(rows)), key=lambda r: -len(rendered[rows[r][0]]))
@@ -273,13 +276,12 @@ def generate(lm: LanguageModel, prompts: Sequence[Prompt], *, max_new_tokens: in
     for j, r in enumerate(chunk):
       n = int(lengths[j])
       row = tokens[j, :n].tolist()
-      finished = bool(done[j])
-      if finished and row and row[-1] in eos_ids:
+      if bool(done[j]) and row and row[-1] in eos_ids:
         out_stop[r] = row[-1]
         row, lp = row[:-1], logprobs[j, :n - 1]
       else:
         lp = logprobs[j, :n]
-      out_tokens[r], out_lps[r], out_done[r] = row, np.asarray(lp), finished
+      out_tokens[r], out_lps[r] = row, np.asarray(lp)
       new_tokens += n
     if bar is not None:
       bar.update(len(chunk))
@@ -289,6 +291,6 @@ def generate(lm: LanguageModel, prompts: Sequence[Prompt], *, max_new_tokens: in
   seconds = time.perf_counter() - start
   texts = [lm.tokenizer.decode(t) if lm.tokenizer else "" for t in out_tokens]
   return Generation(texts=texts, token_ids=out_tokens, prompt_index=[r[0] for r in rows],
-                    sample_index=[r[1] for r in rows], finished=out_done, stop_ids=out_stop,
+                    sample_index=[r[1] for r in rows], stop_ids=out_stop,
                     logprobs=out_lps if return_logprobs else None,
                     prompt_token_ids=[rendered[r[0]] for r in rows], seconds=seconds, new_tokens=new_tokens)

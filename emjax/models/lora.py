@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from emjax.models.config import ModelConfig
 from emjax.models.transformer import PROJECTIONS, layer_weight_shapes
@@ -187,7 +188,6 @@ def merge_float32(graphdef, state, lora: ForwardLora) -> tuple[Any, ForwardLora 
   For decoding: a merged projection is one matmul per token instead of three, and merging costs
   about one matmul of the weight's size per call (2 x L x In x Out x R FLOPs).
   """
-  from flax import nnx
   model = nnx.merge(graphdef, state)
   rest = {}
   for proj, (a, b, scale) in lora.items():
