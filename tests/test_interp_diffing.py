@@ -47,8 +47,8 @@ def test_diff_of_a_model_against_itself_is_exactly_zero(lm, batches):
 
 
 def test_fresh_adapter_diffs_to_exactly_zero_inside_the_shared_base_batch(lm, batches):
-  # A freshly initialised LoRA has B = 0: base + adapter is the base model. Both run in one vmapped
-  # forward over the shared weights, next to a real adapter, and must still agree bit for bit.
+  # A freshly initialised LoRA has B = 0: base + adapter is the base model. The base runs on its own
+  # and the adapters in one vmapped forward over the shared weights; they must still agree bit for bit.
   from emjax.models import lora as lora_lib
   config, params = synthetic_sae(lm.config.hidden_size, seed=1)
   spec = lora_lib.LoraSpec(rank=4, alpha=8.0, targets="all")
@@ -107,6 +107,29 @@ def test_fused_program_matches_separate_forward_and_sae_calls(lm, batches):
       expected += (dense * weights.reshape(-1, 1)).sum(0)
     np.testing.assert_allclose(stats.act_sum[row], expected, rtol=1e-4, atol=1e-4)
   assert np.abs(stats.act_sum[1] - stats.act_sum[0]).max() > 1e-3   # the adapter changed something
+
+
+def test_variant_order_does_not_change_any_variants_statistics(lm, batches):
+  # The program groups variants (plain base, base + adapter/intervention, own weights) and the
+  # host puts the rows back in the caller's order.
+  from emjax.models import lora as lora_lib
+  config, params = synthetic_sae(lm.config.hidden_size, seed=2)
+  spec = lora_lib.LoraSpec(rank=2, alpha=4.0, targets="all")
+  adapter = jax.tree.map(lambda x: x + 0.05, lora_lib.init_adapter(spec, lm.config, jax.random.key(0)))
+  models = {"base": lm,
+            "lora": dataclasses.replace(lm, lora=lora_lib.forward_lora(adapter, lora_lib.layer_scales(spec, lm.config))),
+            "full": lm.with_state(jax.tree.map(lambda x: x * 1.01, lm.state))}
+  steer = intervene.steer(lm.config, LAYER, np.ones(lm.config.hidden_size, np.float32), 0.5)
+  def stats(names):
+    variants = [diffing.variant(n, models[n.split("+")[0]], intervention=steer if "+" in n else None) for n in names]
+    return diffing.latent_stats(lm, variants, config, params, LAYER, batches[:1])
+  reference = stats(["base", "lora", "base+steer", "full"])
+  shuffled = stats(["full", "base+steer", "base", "lora"])
+  for name in reference.names:
+    i, j = reference.index(name), shuffled.index(name)
+    np.testing.assert_allclose(shuffled.act_sum[j], reference.act_sum[i], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(shuffled.residual_sum[j], reference.residual_sum[i], rtol=1e-5, atol=1e-4)
+  assert len({float(reference.act_sum[i].sum()) for i in range(4)}) == 4   # four different models
 
 
 def test_rank_latents_requires_a_misaligned_label():
