@@ -30,6 +30,8 @@ flags.DEFINE_integer("repeats", 3, "Timed repetitions per measurement (the media
 flags.DEFINE_boolean("quick", False, "Smaller shapes, for checking that the benchmark itself works.")
 flags.DEFINE_string("peft_path", "", "Folder holding the `peft` package for the sft suite's PEFT baseline "
                     "(e.g. from `pip install --target DIR peft`); empty: skip that baseline.")
+flags.DEFINE_integer("diff_finetunes", 1, "diff suite: how many LoRA fine-tunes are diffed against the base in "
+                     "one pass (the pipeline's default run diffs 4).")
 flags.DEFINE_string("bench_python", "", "A Python interpreter whose environment has the competitors "
                     "(SAELens, sparsify, TRL) for the sae/rl suites; empty: $EMJAX_BENCH_PYTHON or skip.")
 
@@ -37,7 +39,7 @@ SUITES = ("forward", "generate", "sft", "sae", "judge", "diff", "rl")
 
 
 def run_suites(names: list[str], model: str, repeats: int, quick: bool, peft_path: str = "",
-               bench_python: str = "") -> dict:
+               bench_python: str = "", diff_finetunes: int = 1) -> dict:
   import emjax
   results: dict = {"machine": machine_info(), "model": model, "quick": quick}
   results["matmul"] = ceiling = matmul_ceiling_gflops(1024 if quick else 2048)
@@ -64,7 +66,7 @@ def run_suites(names: list[str], model: str, repeats: int, quick: bool, peft_pat
         continue
       args = types.SimpleNamespace(model=model, repeats=repeats, quick=quick, ceiling=ceiling,
                                    steps=repeats, batch=2 if quick else 8, seq=32 if quick else 128,
-                                   peft_path=peft_path, **({"bench_python": bench_python} if bench_python else {}))
+                                   peft_path=peft_path, diff_finetunes=diff_finetunes, **({"bench_python": bench_python} if bench_python else {}))
       results[name] = getattr(module, fn_name)(args)
   return results
 
@@ -75,7 +77,8 @@ def main(argv):
   unknown = sorted(set(names) - set(SUITES))
   if unknown:
     raise app.UsageError(f"unknown suite(s) {unknown}; choose from {SUITES} or 'all'")
-  results = run_suites(names, FLAGS.model, FLAGS.repeats, FLAGS.quick, FLAGS.peft_path, FLAGS.bench_python)
+  results = run_suites(names, FLAGS.model, FLAGS.repeats, FLAGS.quick, FLAGS.peft_path, FLAGS.bench_python,
+                       FLAGS.diff_finetunes)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(results, f, indent=1, default=str)

@@ -47,8 +47,8 @@ def test_diff_of_a_model_against_itself_is_exactly_zero(lm, batches):
 
 
 def test_fresh_adapter_diffs_to_exactly_zero_inside_the_shared_base_batch(lm, batches):
-  # A freshly initialised LoRA has B = 0: base + adapter is the base model. The base runs on its own
-  # and the adapters in one vmapped forward over the shared weights; they must still agree bit for bit.
+  # A freshly initialised LoRA has B = 0: base + adapter is the base model. The base and each adapted
+  # model run their own forward in one program, next to a real adapter; they must agree bit for bit.
   from emjax.models import lora as lora_lib
   config, params = synthetic_sae(lm.config.hidden_size, seed=1)
   spec = lora_lib.LoraSpec(rank=4, alpha=8.0, targets="all")
@@ -96,17 +96,22 @@ def test_fused_program_matches_separate_forward_and_sae_calls(lm, batches):
   adapter = lora_lib.init_adapter(spec, lm.config, jax.random.key(0))
   adapter = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), adapter)
   tuned = dataclasses.replace(lm, lora=lora_lib.forward_lora(adapter, lora_lib.layer_scales(spec, lm.config)))
+  spec_q = lora_lib.LoraSpec(rank=3, alpha=3.0, targets="q_proj")   # another rank and projection in the same pass
+  adapter_q = jax.tree.map(lambda x: x + 0.05, lora_lib.init_adapter(spec_q, lm.config, jax.random.key(2)))
+  tuned_q = dataclasses.replace(lm, lora=lora_lib.forward_lora(adapter_q, lora_lib.layer_scales(spec_q, lm.config)))
   full = lm.with_state(jax.tree.map(lambda x: x * 1.01, lm.state))
-  variants = [diffing.variant(n, m) for n, m in (("base", lm), ("lora", tuned), ("full", full))]
+  models = (lm, tuned, tuned_q, full)
+  variants = [diffing.variant(n, m) for n, m in zip(("base", "lora", "lora_q", "full"), models)]
   stats = diffing.latent_stats(lm, variants, config, params, LAYER, batches)
-  for row, model in enumerate((lm, tuned, full)):
+  for row, model in enumerate(models):
     expected = np.zeros(config.n_latents)
     for ids, mask, weights, _ in batches:
       resid = np.asarray(model.residuals(ids, mask, layers=(LAYER,))[LAYER]).reshape(-1, config.d_in)
       dense = np.asarray(sae_lib.dense_latents(*sae_lib.encode(params, config, jnp.asarray(resid)), config.n_latents))
       expected += (dense * weights.reshape(-1, 1)).sum(0)
     np.testing.assert_allclose(stats.act_sum[row], expected, rtol=1e-4, atol=1e-4)
-  assert np.abs(stats.act_sum[1] - stats.act_sum[0]).max() > 1e-3   # the adapter changed something
+  assert np.abs(stats.act_sum[1] - stats.act_sum[0]).max() > 1e-3   # the adapters changed something
+  assert np.abs(stats.act_sum[2] - stats.act_sum[0]).max() > 1e-3
 
 
 def test_variant_order_does_not_change_any_variants_statistics(lm, batches):

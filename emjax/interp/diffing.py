@@ -182,97 +182,46 @@ def _variant_stats(sae_config, sae_params, residual, weights):
   return act_sum, fire_sum, residual_sum, norm_sum
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sae_config", "layer", "plain_count", "adapted_count",
-                                             "other_index", "compute_dtype"))
-def _diff_program(graphdef, states, adapted_lora, adapted_iv, other_loras, other_ivs, sae_params, input_ids,
-                  attention_mask, weights, *, sae_config, layer: int, plain_count: int, adapted_count: int,
-                  other_index: tuple[int, ...], compute_dtype):
-  """Every variant on one batch; returns stacked sums in (plain..., adapted..., other...) order.
+@functools.partial(jax.jit, static_argnames=("graphdef", "sae_config", "layer", "plain_count", "state_index",
+                                             "compute_dtype"))
+def _diff_program(graphdef, states, loras, interventions, sae_params, input_ids, attention_mask, weights, *,
+                  sae_config, layer: int, plain_count: int, state_index: tuple[int, ...], compute_dtype):
+  """Every variant on one batch; returns stacked sums in (plain..., modified...) order.
 
-  * plain variants are the base weights with no adapter and no intervention: identical, so the
-    base runs once, outside the vmapped group: there it would carry a zero adapter, which took
-    the diff 20% longer on CPU (8 x 128 tokens, one rank-32 fine-tune);
-  * adapted variants share the base weights (base + LoRA, base + intervention): one vmapped
-    forward over their stacked adapters / interventions. A vmapped matmul against the shared,
-    unbatched weight is a single [G*B*T, In] x [In, Out] product, so the base weights are read
-    once for all of them;
-  * other variants have their own weights and run one after another.
+  Plain variants (the base weights, nothing added) are identical: the base runs once for all of
+  them. Every other variant (base + LoRA, base + intervention, own weights `states[state_index[i]]`
+  + optional LoRA / intervention) runs its own forward, unrolled in this one program.
+
+  Unrolled beats the alternatives measured on 2 CPU cores (8 x 128 tokens, base + 4 rank-32 LoRA
+  fine-tunes, against separate calls): 1.09x, where one vmapped forward over the stacked
+  adapters read 1.01x and `lax.map` over them 1.01x; XLA runs the independent forwards' ops side
+  by side, and adapters of different ranks need no padding to a common shape.
   -> (act_sum [M, N], fire_sum [M, N], residual_sum [M, D], norm_sum [M])
   """
-  def run(state, lora, iv):
-    return transformer.forward(graphdef, state, input_ids, attention_mask, capture=(layer,), exit_after=layer,
-                               lora=lora, intervention=iv, compute_dtype=compute_dtype).captured[layer]  # [B, T, D]
+  def variant_stats(state, lora, iv):
+    residual = transformer.forward(graphdef, state, input_ids, attention_mask, capture=(layer,), exit_after=layer,
+                                   lora=lora, intervention=iv, compute_dtype=compute_dtype).captured[layer]  # [B, T, D]
+    return _variant_stats(sae_config, sae_params, residual, weights)
 
-  stats = functools.partial(_variant_stats, sae_config, sae_params)
-  outs = []
-  if plain_count:
-    outs += [stats(run(states[0], None, None), weights)] * plain_count
-  if adapted_count:
-    residuals = jax.vmap(lambda lora, iv: run(states[0], lora, iv),
-                         in_axes=(None if adapted_lora is None else 0, None if adapted_iv is None else 0))(
-                             adapted_lora, adapted_iv)                                          # [G, B, T, D]
-    sums = jax.vmap(stats, in_axes=(0, None))(residuals, weights)
-    outs += [tuple(part[g] for part in sums) for g in range(adapted_count)]
-  for m, s in enumerate(other_index):  # unrolled: few full fine-tunes, each with its own weights
-    outs.append(stats(run(states[s], other_loras[m], other_ivs[m]), weights))
+  outs = [variant_stats(states[0], None, None)] * plain_count
+  outs += [variant_stats(states[s], lora, iv) for s, lora, iv in zip(state_index, loras, interventions)]
   return tuple(jnp.stack(parts) for parts in zip(*outs))
 
 
-def stack_loras(cfg: Any, loras: Sequence[dict | None]) -> dict | None:
-  """Stacks forward-LoRA pytrees on a new leading axis, zero-padded to the union of projections and
-  the largest rank (zero rows add exactly 0, so each slice computes what its own adapter does).
-
-  -> {projection: (A [G, L, In, R], B [G, L, R, Out], scale [G, L])} or None when all are None.
-  """
-  if all(l is None for l in loras):
-    return None
-  shapes = transformer.layer_weight_shapes(cfg)
-  names = sorted({p for l in loras if l is not None for p in l})
-  rank = max(a.shape[-1] for l in loras if l is not None for a, _, _ in l.values())
-  stacked = {}
-  for p in names:
-    d_in, d_out = shapes[p]
-    a_all, b_all, s_all = [], [], []
-    for l in loras:
-      if l is None or p not in l:
-        a_all.append(jnp.zeros((cfg.num_layers, d_in, rank), jnp.float32))
-        b_all.append(jnp.zeros((cfg.num_layers, rank, d_out), jnp.float32))
-        s_all.append(jnp.zeros((cfg.num_layers,), jnp.float32))
-        continue
-      a, b, scale = l[p]
-      pad = rank - a.shape[-1]
-      a_all.append(jnp.pad(a.astype(jnp.float32), ((0, 0), (0, 0), (0, pad))))
-      b_all.append(jnp.pad(b.astype(jnp.float32), ((0, 0), (0, pad), (0, 0))))
-      s_all.append(jnp.asarray(scale, jnp.float32))
-    stacked[p] = (jnp.stack(a_all), jnp.stack(b_all), jnp.stack(s_all))
-  return stacked
-
-
-def stack_interventions(cfg: Any, ivs: Sequence[intervene.Intervention | None]) -> intervene.Intervention | None:
-  """Stacks interventions on a new leading axis (None -> no-op; ablation slots zero-padded)."""
-  if all(iv is None for iv in ivs):
-    return None
-  k = max(iv.ablate_dirs.shape[1] for iv in ivs if iv is not None)
-
-  def full(iv):
-    iv = intervene.empty(cfg, k) if iv is None else iv
-    pad = k - iv.ablate_dirs.shape[1]
-    return iv.replace(ablate_dirs=jnp.pad(iv.ablate_dirs, ((0, 0), (0, pad), (0, 0))))
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *[full(iv) for iv in ivs])
-
-
-def _pack_variants(lm: Any, variants: Sequence[Variant]) -> tuple[list[int], list[int], list[int], tuple]:
-  """Positions of the plain-base variants (base weights, nothing added), of the adapted ones (base
-  weights + LoRA and/or intervention) and of the own-weight ones, and the unique states, base first."""
-  plain, adapted, others, states = [], [], [], [lm.state]
+def _pack_variants(lm: Any, variants: Sequence[Variant]) -> tuple[list[int], list[int], tuple, tuple[int, ...]]:
+  """Positions of the plain variants (the base weights, nothing added) and of the others; the unique
+  weight states (the base first, each passed to the program once) and each other variant's index into them."""
+  plain, modified, states, state_index = [], [], [lm.state], []
   for i, v in enumerate(variants):
-    if v.state is None or v.state is lm.state:
-      (plain if v.lora is None and v.intervention is None else adapted).append(i)
-    else:
-      others.append(i)
-      if not any(s is v.state for s in states):
-        states.append(v.state)
-  return plain, adapted, others, tuple(states)
+    state = lm.state if v.state is None else v.state
+    if state is lm.state and v.lora is None and v.intervention is None:
+      plain.append(i)
+      continue
+    modified.append(i)
+    if not any(s is state for s in states):
+      states.append(state)
+    state_index.append(next(j for j, s in enumerate(states) if s is state))
+  return plain, modified, tuple(states), tuple(state_index)
 
 
 def latent_stats(lm: Any, variants: Sequence[Variant], sae_config: sae_lib.SAEConfig,
@@ -287,22 +236,18 @@ def latent_stats(lm: Any, variants: Sequence[Variant], sae_config: sae_lib.SAECo
   if sae_config.d_in != lm.config.hidden_size:
     raise ValueError(f"SAE reads width {sae_config.d_in} but the model's hidden size is {lm.config.hidden_size}")
   layer = int(layer) % lm.config.num_layers
-  plain, adapted, others, states = _pack_variants(lm, variants)
-  adapted_lora = stack_loras(lm.config, [variants[i].lora for i in adapted]) if adapted else None
-  adapted_iv = stack_interventions(lm.config, [variants[i].intervention for i in adapted]) if adapted else None
-  other_index = tuple(next(j for j, s in enumerate(states) if s is variants[i].state) for i in others)
-  other_loras = tuple(variants[i].lora for i in others)
-  other_ivs = tuple(variants[i].intervention for i in others)
-  order = np.argsort(plain + adapted + others)   # variant position -> program output row
+  plain, modified, states, state_index = _pack_variants(lm, variants)
+  loras = tuple(variants[i].lora for i in modified)
+  interventions = tuple(variants[i].intervention for i in modified)
+  order = np.argsort(plain + modified)   # variant position -> program output row
   m, n, d = len(variants), sae_config.n_latents, lm.config.hidden_size
   act = np.zeros((m, n)); fire = np.zeros((m, n)); resid = np.zeros((m, d)); norms = np.zeros((m,))
   tokens = 0.0
   for batch in batches:
     ids, mask, weights = batch[0], batch[1], batch[2]
-    out = _diff_program(lm.graphdef, states, adapted_lora, adapted_iv, other_loras, other_ivs, sae_params,
-                        jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(weights), sae_config=sae_config,
-                        layer=layer, plain_count=len(plain), adapted_count=len(adapted), other_index=other_index,
-                        compute_dtype=lm.compute_dtype)
+    out = _diff_program(lm.graphdef, states, loras, interventions, sae_params, jnp.asarray(ids), jnp.asarray(mask),
+                        jnp.asarray(weights), sae_config=sae_config, layer=layer, plain_count=len(plain),
+                        state_index=state_index, compute_dtype=lm.compute_dtype)
     a, f, r, nr = (np.asarray(x)[order] for x in jax.device_get(out))
     act += a; fire += f; resid += r; norms += nr   # float64 on the host: exact enough for any corpus
     tokens += float(np.asarray(weights, np.float64).sum())
