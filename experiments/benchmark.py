@@ -66,7 +66,8 @@ def run_suites(names: list[str], model: str, repeats: int, quick: bool, peft_pat
         continue
       args = types.SimpleNamespace(model=model, repeats=repeats, quick=quick, ceiling=ceiling,
                                    steps=repeats, batch=2 if quick else 8, seq=32 if quick else 128,
-                                   peft_path=peft_path, diff_finetunes=diff_finetunes, **({"bench_python": bench_python} if bench_python else {}))
+                                   peft_path=peft_path, diff_finetunes=diff_finetunes,
+                                   **({"bench_python": bench_python} if bench_python else {}))
       results[name] = getattr(module, fn_name)(args)
   return results
 

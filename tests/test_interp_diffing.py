@@ -46,7 +46,7 @@ def test_diff_of_a_model_against_itself_is_exactly_zero(lm, batches):
   assert np.array_equal(stats.fire_count[0], stats.fire_count[1])
 
 
-def test_fresh_adapter_diffs_to_exactly_zero_inside_the_shared_base_batch(lm, batches):
+def test_fresh_adapter_diffs_to_exactly_zero_next_to_a_trained_one(lm, batches):
   # A freshly initialised LoRA has B = 0: base + adapter is the base model. The base and each adapted
   # model run their own forward in one program, next to a real adapter; they must agree bit for bit.
   from emjax.models import lora as lora_lib
