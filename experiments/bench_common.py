@@ -7,7 +7,14 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
+
+
+def suite_arg(args: Any, name: str, default: Any) -> Any:
+  """A suite's setting, from a dict (a suite run on its own) or from the namespace
+  `experiments/benchmark.py` passes every suite; a missing or None value gives `default`."""
+  value = args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+  return default if value is None else value
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:

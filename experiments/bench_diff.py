@@ -25,13 +25,6 @@ from typing import Any
 import numpy as np
 
 
-def _arg(args: Any, name: str, default):
-  if isinstance(args, dict):
-    return args.get(name, default)
-  value = getattr(args, name, None)
-  return default if value is None else value
-
-
 def _best_of(fn, repeats: int) -> float:
   """Seconds of the fastest of `repeats` calls after one warm-up (shared machines: the minimum is
   the least noisy estimate of what the code costs)."""
@@ -100,6 +93,7 @@ def run_diff_suite(args: Any) -> dict:
   """args: dict with model, repeats, quick, ceiling (the matmul GFLOP/s measured by benchmark.py),
   diff_finetunes (how many LoRA fine-tunes to diff against the base; default 1)."""
   import emjax
+  from experiments.bench_common import suite_arg as _arg
   quick = bool(_arg(args, "quick", False))
   batch, seq, n_batches = (4, 64, 2) if quick else (8, 128, 4)
   ceiling = _arg(args, "ceiling", None)

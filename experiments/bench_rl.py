@@ -114,24 +114,27 @@ def _trl_steps(python: str, model_dir: str, prompts_path: str, workdir: str, gro
   return json.loads(lines[-1][len("RESULT"):])
 
 
-def run_rl_suite(args: dict) -> dict:
-  """args: model, repeats, quick, rounds, ceiling (from experiments/benchmark.py); optional trl_python.
+def run_rl_suite(args: Any) -> dict:
+  """args (dict, or benchmark.py's namespace): model, repeats, quick, rounds; the TRL interpreter is
+  trl_python, else bench_python, else $EMJAX_BENCH_PYTHON, else /tmp/benchvenv.
 
   emjax and TRL run alternately, `rounds` times each (emjax, TRL, emjax, TRL, ...), so load from
   outside the benchmark falls on both sides alike; the ratio reported is the median of the
   rounds' ratios (each: TRL's median step / emjax's median step in that round).
   """
   from emjax import data
-  source = args.get("model", "smollm2-135m-instruct")
-  quick = bool(args.get("quick", False))
-  steps = max(2, int(args.get("repeats", 3)) + 1)
-  rounds = max(1, int(args.get("rounds", 2)))
+  from experiments.bench_common import suite_arg
+  source = suite_arg(args, "model", "smollm2-135m-instruct")
+  quick = bool(suite_arg(args, "quick", False))
+  steps = max(2, int(suite_arg(args, "repeats", 3)) + 1)
+  rounds = max(1, int(suite_arg(args, "rounds", 2)))
   num_prompts, group, new_tokens, rank = (2, 4, 16, 8) if quick else (4, 8, 64, 8)
   prompts = [q["prompt"] for q in data.narrow_questions("health", n=num_prompts)]
   result: dict[str, Any] = {"shape": f"{num_prompts} prompts x G={group} x {new_tokens} new tokens",
                             "lora": f"r={rank} q,v", "beta": 0.04, "steps_timed": steps - 1, "rounds": rounds,
                             "notes": [], "per_round": []}
-  python = args.get("trl_python", DEFAULT_TRL_PYTHON)
+  python = (suite_arg(args, "trl_python", None) or suite_arg(args, "bench_python", None)
+            or os.environ.get("EMJAX_BENCH_PYTHON") or DEFAULT_TRL_PYTHON)
   with_trl = os.path.isfile(python)
   if not with_trl:
     result["notes"].append(f"TRL skipped: no interpreter at {python} (make a venv with torch, trl and peft there)")

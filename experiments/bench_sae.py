@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from experiments.bench_common import suite_arg as _arg
+
 _TORCH_TRAINER = textwrap.dedent(
     """
     import json, sys, time
@@ -74,13 +76,6 @@ _TORCH_TRAINER = textwrap.dedent(
                           "eai-sparsify" if lib == "sparsify" else "sae-lens")}))
     """
 )
-
-
-def _arg(args: Any, name: str, default):
-    if isinstance(args, dict):
-        return args.get(name, default)
-    value = getattr(args, name, None)
-    return default if value is None else value
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
